@@ -1,0 +1,151 @@
+"""Metrics, timing and communication accounting.
+
+- `MetricWriter`: every scalar goes to `metrics/*.jsonl` (one JSON object per line) and to
+  TensorBoard event files (tensorboardX; clu's writers would need TensorFlow).
+- `PhaseTimer`: wall time per named phase (local train, upload, aggregate, eval).
+- `dp_allreduce_bytes` / `CommLedger`: the bytes a federation really moves versus what
+  data-parallel training of the same tokens would all-reduce.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from collections import defaultdict
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+
+def _to_py(v: Any) -> Any:
+    if isinstance(v, (np.generic, np.ndarray)) or hasattr(v, "__array__"):
+        a = np.asarray(v)
+        return a.item() if a.ndim == 0 else a.tolist()
+    return v
+
+
+class MetricWriter:
+    """Writes scalars to JSONL (and TensorBoard when available). Only process 0 writes."""
+
+    def __init__(self, workdir: str, *, tensorboard: bool = True, enabled: bool = True):
+        self.dir = os.path.join(workdir, "metrics")
+        self.enabled = enabled
+        self._files: dict[str, Any] = {}
+        self._tb = None
+        if not enabled:
+            return
+        os.makedirs(self.dir, exist_ok=True)
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(logdir=os.path.join(self.dir, "tb"))
+
+    def write(self, stream: str, step: int, scalars: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": int(step), **{k: _to_py(v) for k, v in scalars.items()}}
+        f = self._files.get(stream)
+        if f is None:
+            f = self._files[stream] = open(os.path.join(self.dir, f"{stream}.jsonl"), "a")
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        if self._tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                    self._tb.add_scalar(f"{stream}/{k}", v, int(step))
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class PhaseTimer:
+    """Accumulates wall time per phase: `with timer.phase("train"): ...`."""
+
+    def __init__(self):
+        self.totals: dict[str, float] = defaultdict(float)
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.totals[name] += time.perf_counter() - t0
+
+    def pop(self) -> dict[str, float]:
+        out = dict(self.totals)
+        self.totals.clear()
+        return out
+
+
+def dp_allreduce_bytes(grad_bytes: int, steps: int, workers: int) -> int:
+    """Bytes that `workers` data-parallel workers move for `steps` steps (ring all-reduce).
+
+    A ring all-reduce of an S-byte gradient makes every worker send 2 (n-1)/n S bytes and
+    receive as many (reduce-scatter + all-gather). Counted like the federation's traffic:
+    the total over all workers, both directions: 4 (n-1) S per step. One worker moves nothing.
+    """
+    if workers <= 1:
+        return 0
+    return int(4 * (workers - 1) * grad_bytes * steps)
+
+
+class CommLedger:
+    """Bytes down/up per silo and per round, and the data-parallel equivalent."""
+
+    def __init__(self):
+        self.rounds: list[dict[str, Any]] = []
+
+    def record_round(
+        self,
+        round_idx: int,
+        *,
+        down: Mapping[str, int],
+        up: Mapping[str, int],
+        dp_equivalent: int,
+    ) -> dict[str, Any]:
+        row = {
+            "round": round_idx,
+            "bytes_down": int(sum(down.values())),
+            "bytes_up": int(sum(up.values())),
+            "bytes_per_silo_down": dict(down),
+            "bytes_per_silo_up": dict(up),
+            "dp_equivalent_bytes": int(dp_equivalent),
+        }
+        self.rounds.append(row)
+        return row
+
+    def totals(self) -> dict[str, Any]:
+        down = sum(r["bytes_down"] for r in self.rounds)
+        up = sum(r["bytes_up"] for r in self.rounds)
+        dp = sum(r["dp_equivalent_bytes"] for r in self.rounds)
+        moved = down + up
+        return {
+            "bytes_down": down,
+            "bytes_up": up,
+            "bytes_moved": moved,
+            "dp_equivalent_bytes": dp,
+            "traffic_ratio_vs_dp": (dp / moved) if moved else float("inf"),
+        }
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
