@@ -82,7 +82,7 @@ def mesh_shape(mesh_cfg: Mapping[str, int], num_devices: int | None = None) -> t
         if n % known:
             raise ValueError(f"mesh config {dict(mesh_cfg)} does not divide the {n} available devices")
         sizes[sizes.index(-1)] = n // known
-    if math.prod(sizes) != n:
+    if math.prod(sizes) > n:
         raise ValueError(
             f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices but {n} are available"
         )
@@ -93,6 +93,9 @@ def make_mesh(mesh_cfg: Mapping[str, int], devices: Sequence[jax.Device] | None 
     """A (data, fsdp, tensor) mesh with Auto axes (shardings come from jit in/out shardings)."""
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(mesh_cfg, len(devices))
+    if math.prod(shape) < len(devices):
+        logging.warning("mesh %s uses %d of the %d devices", shape, math.prod(shape), len(devices))
+        devices = devices[: math.prod(shape)]
     return jax.make_mesh(
         shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES), devices=devices
     )

@@ -64,6 +64,12 @@ def build_silo(config: ml_collections.ConfigDict, total_steps: int, mesh=None) -
         raise ValueError(
             f"train.batch_size={config.train.batch_size} is not divisible by optim.grad_accum={accum}"
         )
+    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if (config.train.batch_size // accum) % batch_shards:
+        raise ValueError(
+            f"train.batch_size={config.train.batch_size} (per micro-batch {config.train.batch_size // accum}) "
+            f"does not split over the mesh's data x fsdp = {batch_shards} devices; change mesh or batch size"
+        )
     return Silo(model_cfg, tx, mesh, rules=sharding_lib.normalize_rules(config.sharding.rules),
                 schedule=schedule, grad_accum=accum)
 
