@@ -312,7 +312,7 @@ class Simulation:
             "bytes_up": up,
             "bytes_down": {n: param_bytes for n in sampled},
             "dp_equivalent_bytes": monitor.dp_allreduce_bytes(param_bytes, self.H, len(sampled)),
-            **diag,
+            "aggregate": diag,
         }
         return server, info
 
@@ -370,7 +370,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after_round: 
         row = {"round": r, "train_loss": mean_loss, "tokens": sum(info["tokens"].values()),
                "silos": len(info["sampled"]), "bytes_up": comm["bytes_up"], "bytes_down": comm["bytes_down"],
                "dp_equivalent_bytes": comm["dp_equivalent_bytes"],
-               **{k: v for k, v in info.items() if k.startswith("delta_")},
+               **{k: v for k, v in info["aggregate"].items() if k.startswith("delta_")},
                **{f"time_{k}": v for k, v in timer.pop().items()}}
         if eval_every and (r + 1) % eval_every == 0 and r + 1 != sim.rounds:
             with timer.phase("eval"):
