@@ -149,6 +149,9 @@ def _quantize_int8(y: jax.Array, block_size: int) -> dict[str, jax.Array]:
     n_blocks, block = _block_geometry(y.size, block_size)
     x = _to_blocks(y, n_blocks, block)
     scale = jnp.max(jnp.abs(x), axis=1) / _QMAX
+    # XLA:CPU's vectorised max may drop NaNs; a block with a NaN/Inf must keep a non-finite
+    # scale so the update is rejected downstream instead of silently zeroing the bad values.
+    scale = jnp.where(jnp.all(jnp.isfinite(x), axis=1), scale, jnp.nan)
     safe = jnp.where(scale > 0, scale, 1.0)
     q = jnp.clip(jnp.round(x / safe[:, None]), -_QMAX, _QMAX).astype(jnp.int8)
     return {"q": q, "scale": scale}

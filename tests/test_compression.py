@@ -206,3 +206,14 @@ def test_sharded_leaves_keep_their_sharding():
             assert tree[k].sharding.is_equivalent_to(d[k].sharding, d[k].ndim), (k, tree[k].sharding)
     jax.tree.map(np.testing.assert_array_equal, payload, ref_payload)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6), err, ref_err)
+
+
+def test_non_finite_values_stay_visible_in_int8_payloads():
+    """A NaN/Inf in a block must make its scale non-finite (validators reject it), never vanish."""
+    x = np.full((512, 32), 0.01, np.float32)
+    x[0, 0] = np.nan
+    x[300, 5] = np.inf
+    payload, _ = comp.compress({"w": x}, None, "int8")
+    scale = np.asarray(payload["w"]["scale"])
+    assert np.isnan(scale[0]) and np.isnan(scale[300 * 32 // 256])
+    assert np.isfinite(np.delete(scale, [0, 300 * 32 // 256])).all()
