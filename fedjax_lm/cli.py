@@ -7,6 +7,8 @@ Verbs:
   compile   lower and compile the train step for a mesh without running it; prints memory
   eval      validation perplexity of the latest checkpoint in --workdir
   export    write the latest checkpoint as a Hugging Face Llama model (--out DIR)
+  aggregate the aggregator process of a cross-silo deployment (--store ROOT --workdir DIR)
+  silo      one silo process of a cross-silo deployment (--store ROOT --silo NAME)
 """
 
 from __future__ import annotations
@@ -15,16 +17,19 @@ import json
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
-VERBS = ("prepare", "train", "compile", "eval", "export")
+VERBS = ("prepare", "train", "compile", "eval", "export", "aggregate", "silo")
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. experiments/centralized.py:size=tiny")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file, e.g. experiments/centralized.py:size=tiny", accept_new_attributes=False)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (checkpoints, metrics, summary.json)")
 _MESH = flags.DEFINE_string("mesh", None, "compile: mesh as data,fsdp,tensor (e.g. 1,8,1)")
 _BATCH = flags.DEFINE_integer("batch_size", None, "compile: global batch size (default: config.train.batch_size)")
 _OUT = flags.DEFINE_string("out", None, "export: output folder")
+_STORE = flags.DEFINE_string("store", None, "aggregate/silo: the store root (path, gs://, s3://)")
+_SILO = flags.DEFINE_string("silo", None, "silo: this silo's name")
 
 
 def _require(flag, name: str, verb: str):
@@ -38,8 +43,9 @@ def _cmd_prepare(config) -> None:
 
     info = data_lib.prepare(config.data)
     corpus = data_lib.Corpus.load(config.data.corpus_dir)
-    print(f"corpus ready at {config.data.corpus_dir}: {len(corpus.silos)} silos, vocab {corpus.vocab_size}")
     del info
+    print(f"corpus ready at {config.data.corpus_dir}: {len(corpus.silos)} silos, vocab {corpus.vocab_size}")
+    print("silos: " + " ".join(corpus.silos))  # last line: read by launch/local_federation.sh
 
 
 def _cmd_train(config) -> None:
@@ -133,6 +139,25 @@ def _cmd_export(config) -> None:
     print(f"exported step {step} to {out} (Hugging Face Llama format)")
 
 
+def _store_root(config) -> str:
+    root = _STORE.value or config.federation.deploy.store
+    if not root:
+        raise app.UsageError("give the store with --store ROOT (or config.federation.deploy.store)")
+    return root
+
+
+def _cmd_aggregate(config) -> None:
+    from fedjax_lm import deploy
+
+    deploy.Aggregator(config, _store_root(config), _require(_WORKDIR, "workdir", "aggregate")).run()
+
+
+def _cmd_silo(config) -> None:
+    from fedjax_lm import deploy
+
+    deploy.SiloWorker(config, _store_root(config), _require(_SILO, "silo", "silo")).run()
+
+
 def _main(argv: list[str]) -> None:
     if len(argv) < 2 or argv[1] not in VERBS:
         raise app.UsageError(f"usage: python -m fedjax_lm <{'|'.join(VERBS)}> --config FILE[:VARIANT] [flags]")
@@ -140,13 +165,15 @@ def _main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[2:]}")
     from fedjax_lm import sharding
 
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO; -v 0 brings it back
     sharding.maybe_initialize_distributed()
     config = _CONFIG.value
     if config is None:
         raise app.UsageError("--config is required, e.g. --config experiments/centralized.py:size=tiny")
     verb = argv[1]
     {"prepare": _cmd_prepare, "train": _cmd_train, "compile": _cmd_compile,
-     "eval": _cmd_eval, "export": _cmd_export}[verb](config)
+     "eval": _cmd_eval, "export": _cmd_export, "aggregate": _cmd_aggregate, "silo": _cmd_silo}[verb](config)
 
 
 def main() -> None:

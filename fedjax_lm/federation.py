@@ -49,7 +49,7 @@ INNER_STATE_MODES = ("keep", "reset")
 _FIELDS = {
     "rounds", "local_steps", "silos_per_round", "inner_state", "aggregate_inner_moments",
     "compression", "block_size", "error_feedback", "outer", "parallel", "sample_seed",
-    "eval_every", "checkpoint_every",
+    "eval_every", "checkpoint_every", "deploy",
 }
 
 
@@ -69,6 +69,17 @@ def default_federation_config() -> ml_collections.ConfigDict:
             sample_seed=0,
             eval_every=0,  # rounds; 0 = only at the end
             checkpoint_every=1,  # rounds
+            # Multi-process deployment (python -m fedjax_lm aggregate / silo) over a store.
+            deploy=ml_collections.ConfigDict(dict(
+                store="",  # local path, gs://bucket/run or s3://bucket/run
+                deadline_s=600.0,  # a round closes at its deadline once `quorum` silos committed
+                adaptive_deadline=True,  # deadline = max(min_deadline_s, factor x slowest recent silo)
+                deadline_factor=2.0,
+                min_deadline_s=30.0,
+                quorum=1,
+                max_update_norm=0.0,  # reject a pseudo-gradient whose global norm exceeds this (0: off)
+                poll_s=0.5,
+            )),
         )
     )
 
@@ -134,6 +145,27 @@ def client_round(
     return ClientOutput(payload=payload, error=new_error, opt_state=state.opt_state, metrics=metrics)
 
 
+def make_client_fn(silo: Silo, fed: Mapping[str, Any]):
+    """`client_round` bound to a silo runtime and the federation config (jit or vmap it)."""
+    return functools.partial(
+        client_round, step_fn=silo.step_fn, tx=silo.tx, method=fed["compression"],
+        block_size=int(fed["block_size"]), reset_opt=fed["inner_state"] == "reset",
+    )
+
+
+def silo_iterator(corpus: "data_lib.Corpus", name: str, config: ml_collections.ConfigDict):
+    """A silo's training batches; the seed depends on the silo's index, the same in every process."""
+    return data_lib.train_iterator(corpus, [name], seq_len=int(config.train.seq_len),
+                                   batch_size=int(config.train.batch_size),
+                                   seed=int(config.train.seed) * 1000 + corpus.silos.index(name))
+
+
+def next_batches(iterator, h: int) -> dict[str, np.ndarray]:
+    """H batches stacked to [H, B, L] for `local_train`."""
+    bs = [next(iterator) for _ in range(h)]
+    return {k: np.stack([b[k] for b in bs]) for k in bs[0]}
+
+
 @dataclasses.dataclass
 class SiloPrivate:
     """What a silo keeps to itself between rounds (in deployment: its own Orbax checkpoint)."""
@@ -193,10 +225,7 @@ class Simulation:
         self.algo = FederatedAlgorithm(fed.outer, fed.compression)
         self.seq_len, self.batch_size = int(config.train.seq_len), int(config.train.batch_size)
         self.names = list(corpus.silos)
-        self._client = functools.partial(
-            client_round, step_fn=self.silo.step_fn, tx=self.silo.tx, method=fed.compression,
-            block_size=int(fed.block_size), reset_opt=fed.inner_state == "reset",
-        )
+        self._client = make_client_fn(self.silo, fed)
         self._jit_seq = None
         self._jit_par = None
 
@@ -205,9 +234,8 @@ class Simulation:
         state = self.silo.init_state(jax.random.key(seed))
         server = self.algo.init(state.params)
         privates = {}
-        for i, name in enumerate(self.names):
-            it = data_lib.train_iterator(self.corpus, [name], seq_len=self.seq_len, batch_size=self.batch_size,
-                                         seed=int(self.config.train.seed) * 1000 + i)
+        for name in self.names:
+            it = silo_iterator(self.corpus, name, self.config)
             privates[name] = SiloPrivate(
                 opt_state=self._fresh_opt(server.params) if self.fed.inner_state == "keep" else None,
                 error=self._zeros(server.params) if self.fed.error_feedback else None,
@@ -221,15 +249,11 @@ class Simulation:
     def _zeros(self, params):
         return jax.jit(compression.init_error, out_shardings=self.silo.param_shardings)(params)
 
-    def _next_batches(self, private: SiloPrivate) -> dict[str, np.ndarray]:
-        bs = [next(private.iterator) for _ in range(self.H)]
-        return {k: np.stack([b[k] for b in bs]) for k in bs[0]}
-
     # -- one round -------------------------------------------------------------------------
     def run_clients(self, server: outer.OuterState, privates: Mapping[str, SiloPrivate], sampled: Sequence[str],
                     round_idx: int) -> dict[str, ClientOutput]:
         step0 = jnp.asarray(round_idx * self.H, jnp.int32)
-        batches = {name: self._next_batches(privates[name]) for name in sampled}
+        batches = {name: next_batches(privates[name].iterator, self.H) for name in sampled}
         if self.fed.parallel:
             return self._run_parallel(server, privates, sampled, step0, batches)
         outs = {}

@@ -1,0 +1,201 @@
+"""Cross-silo deployment with real OS processes sharing only an on-disk store."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from fedjax_lm import compression
+from fedjax_lm import config as config_lib
+from fedjax_lm import deploy
+from fedjax_lm import federation
+from fedjax_lm import store as store_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.multiprocess
+
+
+def make_config(small_corpus, tmp_path, *, rounds=3, deadline_s=60.0, **deploy_overrides):
+    c = config_lib.load_config(os.path.join(ROOT, "experiments/photon.py") + f":size=tiny,vocab=512,H=3,rounds={rounds}")
+    c.data = small_corpus
+    c.model.update(dict(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, vocab_size=512))
+    c.train.update(dict(seq_len=32, batch_size=4, eval_batches=2))
+    c.mesh.update(dict(data=1, fsdp=1, tensor=1))
+    c.federation.deploy.update(dict(deadline_s=deadline_s, adaptive_deadline=False, poll_s=0.1, **deploy_overrides))
+    path = tmp_path / "config.json"
+    path.write_text(c.to_json_best_effort())
+    return c, f"experiments/from_json.py:{path}"
+
+
+class Procs:
+    """Starts fedjax_lm processes (one CPU device each), logs to files, kills them at the end."""
+
+    def __init__(self, tmp_path, spec):
+        self.tmp, self.spec, self.procs = tmp_path, spec, {}
+        self.store = str(tmp_path / "store")
+        self.env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
+                        PYTHONPATH=ROOT)
+
+    def start(self, name, verb, *args, env=None):
+        log = open(self.tmp / f"{name}.log", "a")
+        cmd = [sys.executable, "-m", "fedjax_lm", verb, "--config", self.spec, "--store", self.store, *args]
+        self.procs[name] = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                            env={**self.env, **(env or {})})
+        return self.procs[name]
+
+    def aggregator(self, name="aggregator", **kw):
+        return self.start(name, "aggregate", "--workdir", str(self.tmp / "agg"), **kw)
+
+    def silo(self, silo, name=None, **kw):
+        return self.start(name or silo, "silo", "--silo", silo, **kw)
+
+    def log(self, name):
+        return (self.tmp / f"{name}.log").read_text()
+
+    def wait(self, name, timeout=240):
+        rc = self.procs[name].wait(timeout=timeout)
+        assert rc == 0, f"{name} exited {rc}:\n{self.log(name)[-3000:]}"
+
+    def kill(self, name):
+        self.procs[name].send_signal(signal.SIGKILL)
+        self.procs[name].wait()
+
+    def close(self):
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+@pytest.fixture
+def procs(tmp_path, request):
+    holder = {}
+    yield holder
+    if "p" in holder:
+        holder["p"].close()
+
+
+def wait_until(pred, timeout=180, poll=0.1, what="condition"):
+    t = time.time()
+    while time.time() - t < timeout:
+        if pred():
+            return
+        time.sleep(poll)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def final_params(config, store_root, r):
+    rt = deploy.Runtime(config)
+    params, _, meta = store_lib.Store(store_root).read_global(r, rt.abstract_params, rt.abstract_outer_opt)
+    return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(params))], meta
+
+
+def test_multiprocess_run_equals_one_process_simulation(small_corpus, tmp_path, procs):
+    config, spec = make_config(small_corpus, tmp_path)
+    p = procs["p"] = Procs(tmp_path, spec)
+    p.aggregator()
+    for s in ("code", "prose", "lines"):
+        p.silo(s)
+    p.wait("aggregator")
+    for s in ("code", "prose", "lines"):
+        p.wait(s)
+    got, meta = final_params(config, p.store, 3)
+    assert meta["accepted"] == ["code", "lines", "prose"]
+    sim = federation.train(config, str(tmp_path / "sim"))
+    want = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(sim["server"].params))]
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
+    summary = json.loads((tmp_path / "agg" / "summary.json").read_text())
+    assert summary["val"]["pooled"]["loss"] == pytest.approx(sim["val"]["pooled"]["loss"], abs=0)
+    assert summary["communication"] == json.loads(json.dumps(sim["communication"]))
+
+
+def test_killed_silo_round_closes_at_deadline_and_silo_rejoins(small_corpus, tmp_path, procs):
+    config, spec = make_config(small_corpus, tmp_path, rounds=3, deadline_s=20.0)
+    p = procs["p"] = Procs(tmp_path, spec)
+    p.aggregator()
+    p.silo("code")
+    p.silo("prose")
+    p.silo("lines")
+    store = store_lib.Store(p.store)
+    # kill `lines` while it trains round 0 (global/0 is out, its update is not committed yet)
+    wait_until(lambda: store.latest_global() == 0, what="global/0")
+    p.kill("lines")
+    assert not store.is_committed(0, "lines")
+    wait_until(lambda: (store.latest_global() or 0) >= 1, timeout=120, what="round 0 to close at its deadline")
+    meta1 = store.read_global_meta(1)
+    assert meta1["accepted"] == ["code", "prose"]
+    assert "deadline passed" in p.log("aggregator")
+    p.silo("lines", name="lines-restarted")  # it rejoins and takes part in a later round
+    p.wait("aggregator")
+    p.wait("lines-restarted")
+    rounds_accepted = [store.read_global_meta(r)["accepted"] for r in (1, 2, 3)]
+    assert any("lines" in a for a in rounds_accepted[1:]), rounds_accepted
+    assert "uploaded" in p.log("lines-restarted")
+
+
+def test_killed_aggregator_resumes_the_same_round_to_the_same_params(small_corpus, tmp_path, procs):
+    config, spec = make_config(small_corpus, tmp_path, rounds=2)
+    p = procs["p"] = Procs(tmp_path, spec)
+    # the aggregator pauses between aggregation and publishing global/1: kill -9 it there
+    p.aggregator(env={"FEDJAX_PAUSE_BEFORE_PUBLISH_S": "30"})
+    for s in ("code", "prose", "lines"):
+        p.silo(s)
+    wait_until(lambda: "pausing before publishing global/1" in p.log("aggregator"), what="aggregation of round 0")
+    p.kill("aggregator")
+    store = store_lib.Store(p.store)
+    assert store.latest_global() == 0 and len(store.committed_silos(0)) == 3
+    p.aggregator(name="aggregator2")  # takes over the dead holder's lock, re-closes round 0
+    p.wait("aggregator2")
+    assert "resuming at round 0" in p.log("aggregator2")
+    got, _ = final_params(config, p.store, 2)
+    sim = federation.train(config, str(tmp_path / "sim"))
+    for a, b in zip(got, [np.asarray(x) for x in jax.tree.leaves(jax.device_get(sim["server"].params))]):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_bad_updates_are_rejected_by_name_and_the_round_goes_on(small_corpus, tmp_path, procs):
+    config, spec = make_config(small_corpus, tmp_path, rounds=1, deadline_s=120.0)
+    p = procs["p"] = Procs(tmp_path, spec)
+    rt = deploy.Runtime(config)
+    store = store_lib.Store(p.store)
+    p.aggregator()
+    wait_until(lambda: store.latest_global() == 0, what="global/0")
+    params, _, _ = store.read_global(0, rt.abstract_params, rt.abstract_outer_opt)
+    delta = jax.tree.map(lambda x: np.full(x.shape, 0.01, np.float32), jax.device_get(params))
+    good, _ = compression.compress(delta, None, config.federation.compression)
+    good = jax.device_get(good)
+    man = {"tokens": 384.0, "loss": 6.0, "method": "int8", "finished_at": time.time()}
+    nan_delta = jax.tree.map(lambda x: x.copy(), delta)
+    jax.tree.leaves(nan_delta)[0][0] = np.nan
+    store.write_update(0, "lines", jax.device_get(compression.compress(nan_delta, None, "int8")[0]), man)
+    store.write_update(0, "intruder", good, man)
+    p.silo("code")
+    p.silo("prose")
+    p.wait("aggregator")
+    log = p.log("aggregator")
+    assert "REJECTED" in log and "intruder" in log and "lines" in log
+    meta = store.read_global_meta(1)
+    assert meta["accepted"] == ["code", "prose"]
+    assert set(meta["rejected"]) == {"lines", "intruder"}
+    for silo, reason in meta["rejected"].items():
+        assert silo in reason and "round 0" in reason
+
+
+def test_second_aggregator_refuses_to_run(small_corpus, tmp_path, procs):
+    config, spec = make_config(small_corpus, tmp_path, rounds=1)
+    p = procs["p"] = Procs(tmp_path, spec)
+    p.aggregator()
+    store = store_lib.Store(p.store)
+    wait_until(lambda: store.latest_global() == 0, what="global/0")
+    p.aggregator(name="second")
+    rc = p.procs["second"].wait(timeout=120)
+    assert rc != 0
+    assert "lock" in p.log("second").lower() and "pid" in p.log("second").lower()
+    assert p.procs["aggregator"].poll() is None  # the first one still runs
