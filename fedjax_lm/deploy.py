@@ -179,8 +179,7 @@ class Aggregator:
         if weights:
             mean = self.store.stream_weighted_mean(r, weights, server.params, manifests=manifests)
             mean = jax.device_put(mean, self.rt.silo.param_shardings)
-            stats = {k: float(v) for k, v in self.rt.algo._stats(mean).items()}
-            server = self.rt.algo._step(server, mean)
+            server, stats = self.rt.algo.step(server, mean)
         else:
             _log("aggregator", f"round {r}: no acceptable update; global params unchanged")
             server = outer.OuterState(server.params, server.opt_state, server.round + 1)
@@ -197,7 +196,7 @@ class Aggregator:
                if weights else None,
                "bytes_up": comm["bytes_up"], "bytes_down": comm["bytes_down"],
                "dp_equivalent_bytes": comm["dp_equivalent_bytes"],
-               **{f"delta_{k}": v for k, v in stats.items()},
+               **stats,
                "silo_seconds": {s: m.get("finished_at", 0) - meta["published_at"] for s, m in manifests.items()}}
         return server, row
 
@@ -335,7 +334,7 @@ class SiloWorker:
             out, loss, tokens, secs = self.train_round(r, private)
             if not committed:
                 if np.isfinite(loss):
-                    self.store.write_update(r, self.name, jax.device_get(out.payload), {
+                    self.store.write_update(r, self.name, out.payload, {  # each host writes its own shards
                         "round": r, "silo": self.name, "tokens": tokens, "loss": loss, "train_seconds": secs,
                         "method": self.config.federation.compression, "finished_at": time.time(),
                         "flops": tokens * model_lib.flops_per_token(self.rt.silo.model_config,

@@ -184,9 +184,7 @@ class FederatedAlgorithm:
     def __init__(self, outer_cfg: Mapping[str, Any], method: str):
         self.tx = outer.make_outer_optimizer(outer_cfg)
         self.method = method
-        self._add = jax.jit(outer.weighted_mean_add)
         self._step = jax.jit(functools.partial(outer.outer_apply, tx=self.tx), donate_argnums=(0,))
-        self._decode = jax.jit(compression.decompress)
         self._stats = jax.jit(outer.delta_stats)
 
     def init(self, params: Any) -> outer.OuterState:
@@ -195,17 +193,29 @@ class FederatedAlgorithm:
     def apply(
         self, server: outer.OuterState, results: Iterable[tuple[Any, float]]
     ) -> tuple[outer.OuterState, dict[str, Any]]:
-        """`results` yields (payload, tokens) one silo at a time: memory stays one model."""
-        acc = outer.weighted_mean_init(server.params)
-        n = 0
+        """`results` yields (payload, tokens) one silo at a time: memory stays one model.
+
+        The running token-weighted mean is folded leaf by leaf with `compression.fold_into_mean`
+        and host-side f32 factors, exactly as the store's streaming aggregation does, so the
+        one-process simulation and the multi-process deployment agree bit for bit.
+        """
+        mean = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32, device=p.sharding), server.params)
+        total, n = np.float32(0.0), 0
         for payload, tokens in results:
-            acc = self._add(acc, self._decode(payload, server.params), jnp.float32(tokens))
+            w = np.float32(tokens)
+            total = np.float32(total + w)
+            frac = np.float32(w / total) if total > 0 else np.float32(0.0)
+            mean = jax.tree.map(lambda m, pl: compression.fold_into_mean(m, pl, frac), mean, payload)
             n += 1
-        outer.ensure_nonempty(acc)
-        mean_delta = outer.weighted_mean_result(acc)
+        if not total > 0:
+            raise ValueError(f"the round has no update to aggregate ({n} silos, total weight {total})")
+        return self.step(server, mean, tokens=float(total), silos=n)
+
+    def step(self, server: outer.OuterState, mean_delta: Any, **diag) -> tuple[outer.OuterState, dict[str, Any]]:
+        """The outer optimizer step on an aggregated mean pseudo-gradient."""
         stats = {k: float(v) for k, v in self._stats(mean_delta).items()}
         server = self._step(server, mean_delta)
-        return server, {"silos": n, "tokens": float(acc.weight), **{f"delta_{k}": v for k, v in stats.items()}}
+        return server, {**diag, **{f"delta_{k}": v for k, v in stats.items()}}
 
 
 # ---------------------------------------------------------------------------- simulation

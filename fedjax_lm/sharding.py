@@ -182,10 +182,22 @@ def batch_sharding(mesh: Mesh, rules: Rules, ndim: int = 2) -> NamedSharding:
 
 
 def put_batch(batch: Mapping[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
-    """Places a host batch on the mesh; in a multi-host silo each host passes its local rows."""
-    return {
-        k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()
-    }
+    """Places a global host batch on the mesh.
+
+    Every host of a multi-host silo reads the same global batch (the data pipeline is
+    seeded identically) and contributes only the rows its devices hold, so no host needs
+    the others' data and the global batch is the same as on one host.
+    """
+    out = {}
+    for k, v in batch.items():
+        v = np.asarray(v)
+        if jax.process_count() > 1:
+            index = sharding.addressable_devices_indices_map(v.shape)
+            rows = sorted({(i[-2].start or 0, i[-2].stop or v.shape[-2]) for i in index.values()})
+            lo, hi = rows[0][0], rows[-1][1]
+            v = v[..., lo:hi, :]
+        out[k] = jax.make_array_from_process_local_data(sharding, v)
+    return out
 
 
 def explain(abstract_tree: Any, shardings: Any) -> list[str]:
