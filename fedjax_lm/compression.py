@@ -252,10 +252,16 @@ def running_fractions(weights: Sequence[float]) -> list[np.float32]:
     total = np.float32(0.0)
     out = []
     for w in weights:
-        w32 = np.float32(w)
-        total = np.float32(total + w32)
-        out.append(np.float32(w32 / total) if total > 0 else np.float32(0.0))
+        total, frac = next_fraction(total, w)
+        out.append(frac)
     return out
+
+
+def next_fraction(total: np.float32, weight: float) -> tuple[np.float32, np.float32]:
+    """One step of `running_fractions`: (new f32 total, w / new total)."""
+    w32 = np.float32(weight)
+    total = np.float32(total + w32)
+    return total, (np.float32(w32 / total) if total > 0 else np.float32(0.0))
 
 
 @functools.partial(jax.jit, donate_argnums=0)

@@ -202,9 +202,7 @@ class FederatedAlgorithm:
         mean = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32, device=p.sharding), server.params)
         total, n = np.float32(0.0), 0
         for payload, tokens in results:
-            w = np.float32(tokens)
-            total = np.float32(total + w)
-            frac = np.float32(w / total) if total > 0 else np.float32(0.0)
+            total, frac = compression.next_fraction(total, tokens)
             mean = jax.tree.map(lambda m, pl: compression.fold_into_mean(m, pl, frac), mean, payload)
             n += 1
         if not total > 0:
