@@ -35,6 +35,7 @@ def base_config(*, size: str = "tiny", seq_len: int = 128, batch_size: int = 16,
             checkpoint_every=100,
             keep_checkpoints=2,
             seed=0,
+            silos=[],  # which of the corpus's silos take part (train and eval); empty = all
         )
     )
     return c

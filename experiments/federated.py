@@ -26,7 +26,8 @@ def build(arg: str | None, recipe: str, defaults: dict):
     if not 1 <= v["silos"] <= len(sources) and v["partition"] == "natural":
         raise ValueError(f"silos={v['silos']}: the natural partition has 1..{len(sources)} silos")
     if v["partition"] == "natural":
-        c.data.sources = sources[: v["silos"]]
+        # The corpus keeps all sources (one cache for every variant); the run uses the first N.
+        c.train.silos = sources[: v["silos"]] if v["silos"] < len(sources) else []
     else:
         c.data.partition = v["partition"]
         c.data.num_silos = v["silos"]

@@ -40,12 +40,13 @@ def _require(flag, name: str, verb: str):
 
 def _cmd_prepare(config) -> None:
     from fedjax_lm import data as data_lib
+    from fedjax_lm import train
 
     info = data_lib.prepare(config.data)
     corpus = data_lib.Corpus.load(config.data.corpus_dir)
     del info
     print(f"corpus ready at {config.data.corpus_dir}: {len(corpus.silos)} silos, vocab {corpus.vocab_size}")
-    print("silos: " + " ".join(corpus.silos))  # last line: read by launch/local_federation.sh
+    print("silos: " + " ".join(train.active_silos(config, corpus)))  # last line: read by launch/local_federation.sh
 
 
 def _cmd_train(config) -> None:
@@ -118,7 +119,7 @@ def _cmd_eval(config) -> None:
     workdir = _require(_WORKDIR, "workdir", "eval")
     corpus = train.ensure_corpus(config.data)
     silo, state, step = _load_latest(config, workdir)
-    sets = eval_lib.eval_sets(corpus, corpus.silos, seq_len=int(config.train.seq_len),
+    sets = eval_lib.eval_sets(corpus, train.active_silos(config, corpus), seq_len=int(config.train.seq_len),
                               batch_size=int(config.train.batch_size), max_batches=int(config.train.eval_batches))
     result = eval_lib.evaluate(silo, state.params, sets)
     print(f"step {step}")

@@ -83,8 +83,8 @@ class Runtime:
 
 
 def silo_names(config: ml_collections.ConfigDict) -> list[str]:
-    """The federation's silos: the prepared corpus's silos (in a real deployment, listed in the config)."""
-    listed = list(config.federation.deploy.get("silos", []) or [])
+    """The federation's silos: `config.train.silos`, else the silos of the prepared corpus."""
+    listed = list(config.train.get("silos", None) or [])
     return listed or list(data_lib.Corpus.load(config.data.corpus_dir).silos)
 
 
@@ -240,7 +240,8 @@ class Aggregator:
                        "communication": self.ledger.totals()}
             try:
                 corpus = data_lib.Corpus.load(self.config.data.corpus_dir)
-                sets = eval_lib.eval_sets(corpus, corpus.silos, seq_len=int(self.config.train.seq_len),
+                sets = eval_lib.eval_sets(corpus, train_lib.active_silos(self.config, corpus),
+                                          seq_len=int(self.config.train.seq_len),
                                           batch_size=int(self.config.train.batch_size),
                                           max_batches=int(self.config.train.eval_batches))
                 summary["val"] = eval_lib.evaluate(self.rt.silo, server.params, sets)

@@ -224,7 +224,8 @@ class Simulation:
 
     def __init__(self, config: ml_collections.ConfigDict, corpus: "data_lib.Corpus", mesh: Mesh | None = None):
         fed = config.federation
-        check_federation_config(fed, len(corpus.silos))
+        self.names = train_lib.active_silos(config, corpus)
+        check_federation_config(fed, len(self.names))
         self.config, self.fed, self.corpus = config, fed, corpus
         self.H = int(fed.local_steps)
         self.rounds = int(fed.rounds)
@@ -232,7 +233,6 @@ class Simulation:
         self.silo = train_lib.build_silo(config, total_steps=self.rounds * self.H, mesh=mesh)
         self.algo = FederatedAlgorithm(fed.outer, fed.compression)
         self.seq_len, self.batch_size = int(config.train.seq_len), int(config.train.batch_size)
-        self.names = list(corpus.silos)
         self._client = make_client_fn(self.silo, fed)
         self._jit_seq = None
         self._jit_par = None
@@ -384,7 +384,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after_round: 
     else:
         start = 0
     writer = monitor.MetricWriter(workdir, enabled=jax.process_index() == 0)
-    sets = eval_lib.eval_sets(corpus, corpus.silos, seq_len=sim.seq_len, batch_size=sim.batch_size,
+    sets = eval_lib.eval_sets(corpus, sim.names, seq_len=sim.seq_len, batch_size=sim.batch_size,
                               max_batches=int(config.train.eval_batches))
     timer = monitor.PhaseTimer()
     end = sim.rounds if stop_after_round is None else min(sim.rounds, stop_after_round)

@@ -55,6 +55,18 @@ def check_vocab(config: ml_collections.ConfigDict, corpus: "data_lib.Corpus") ->
         )
 
 
+def active_silos(config: ml_collections.ConfigDict, corpus: "data_lib.Corpus") -> list[str]:
+    """The silos that take part: `config.train.silos`, or every silo of the corpus."""
+    chosen = list(config.train.get("silos", None) or [])
+    if not chosen:
+        return list(corpus.silos)
+    unknown = [s for s in chosen if s not in corpus.silos]
+    if unknown:
+        raise ValueError(f"train.silos names {unknown}, not in the corpus at {config.data.corpus_dir}; "
+                         f"its silos are {corpus.silos}")
+    return chosen
+
+
 def build_silo(config: ml_collections.ConfigDict, total_steps: int, mesh=None) -> Silo:
     model_cfg = model_lib.ModelConfig.from_dict(config.model)
     tx, schedule = optim.make_optimizer(config.optim, total_steps)
@@ -130,7 +142,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     silo = build_silo(config, steps)
     write_run_json(workdir, config, "centralized")
     seq_len, batch_size = int(config.train.seq_len), int(config.train.batch_size)
-    it = data_lib.train_iterator(corpus, corpus.silos, seq_len=seq_len, batch_size=batch_size,
+    silos = active_silos(config, corpus)
+    it = data_lib.train_iterator(corpus, silos, seq_len=seq_len, batch_size=batch_size,
                                  seed=int(config.train.seed))
     ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(config.train.keep_checkpoints))
     start = ckpt.latest_step()
@@ -142,7 +155,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
         start = 0
         state = silo.init_state(jax.random.key(int(config.train.seed)))
     writer = monitor.MetricWriter(workdir, enabled=jax.process_index() == 0)
-    sets = eval_lib.eval_sets(corpus, corpus.silos, seq_len=seq_len, batch_size=batch_size,
+    sets = eval_lib.eval_sets(corpus, silos, seq_len=seq_len, batch_size=batch_size,
                               max_batches=int(config.train.eval_batches))
     log = StepLog(writer, int(config.train.log_every))
     tokens_per_step = batch_size * seq_len

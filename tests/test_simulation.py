@@ -82,3 +82,15 @@ def test_other_outer_optimizers_and_reset_inner_state_train(small_corpus, tmp_pa
     out = federation.train(c, str(tmp_path / outer_name))
     assert np.isfinite(out["val"]["pooled"]["loss"])
     assert out["val"]["pooled"]["ppl"] < 512
+
+
+def test_a_subset_of_the_corpus_silos_takes_part(small_corpus, tmp_path):
+    c = fed_config(small_corpus, rounds=1)
+    c.train.silos = ["prose", "lines"]
+    out = federation.train(c, str(tmp_path / "sub"))
+    assert set(out["val"]["per_silo"]) == {"prose", "lines"}
+    rows = [json.loads(line) for line in open(tmp_path / "sub" / "metrics" / "rounds.jsonl")]
+    assert rows[0]["silos"] == 2
+    c.train.silos = ["prose", "nope"]
+    with pytest.raises(ValueError, match=r"train.silos names \['nope'\]"):
+        federation.train(c, str(tmp_path / "bad"))
