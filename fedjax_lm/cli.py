@@ -140,6 +140,13 @@ def _cmd_export(config) -> None:
     print(f"exported step {step} to {out} (Hugging Face Llama format)")
 
 
+class _QuietLibraries:
+    """Drops Orbax's routine warnings (e.g. skipped OCDBT merges on one host); errors still show."""
+
+    def filter(self, record) -> bool:
+        return record.levelno >= 40 or "orbax" not in record.pathname
+
+
 def _store_root(config) -> str:
     root = _STORE.value or config.federation.deploy.store
     if not root:
@@ -168,6 +175,7 @@ def _main(argv: list[str]) -> None:
 
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO; -v 0 brings it back
+        logging.get_absl_handler().addFilter(_QuietLibraries())
     sharding.maybe_initialize_distributed()
     config = _CONFIG.value
     if config is None:
