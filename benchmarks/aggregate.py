@@ -130,7 +130,9 @@ print(json.dumps({"seconds": stats["seconds"], "bytes": stats["bytes_read"], "pe
 def run_child(root: str, method: str, n: int, shapes, budget: int, env) -> dict:
     res = subprocess.run(
         [sys.executable, "-c", _CHILD, REPO, root, method, str(n), json.dumps(shapes), str(budget)],
-        capture_output=True, text=True, env=env,
+        capture_output=True,
+        text=True,
+        env=env,
     )
     if res.returncode:
         raise RuntimeError(res.stderr[-4000:])
@@ -146,9 +148,15 @@ def main() -> None:
     ap.add_argument("--f32-silos", type=int, default=4, help="f32 silos (default 4: 400 MB each at 100M)")
     ap.add_argument("--dir", default=None, help="parent folder of the temporary store (default: system temp)")
     ap.add_argument("--keep", action="store_true", help="keep the store")
-    ap.add_argument("--budget-mb", type=int, default=64, help="read budget of the aggregation (store default 64)")
-    ap.add_argument("--mmap-threshold", type=int, default=None,
-                    help="MALLOC_MMAP_THRESHOLD_ for the measured processes (glibc; default: its dynamic threshold)")
+    ap.add_argument(
+        "--budget-mb", type=int, default=64, help="read budget of the aggregation (store default 64)"
+    )
+    ap.add_argument(
+        "--mmap-threshold",
+        type=int,
+        default=None,
+        help="MALLOC_MMAP_THRESHOLD_ for the measured processes (glibc; default: its dynamic threshold)",
+    )
     args = ap.parse_args()
 
     shapes = model_shapes(args.params)
@@ -168,31 +176,53 @@ def main() -> None:
             wt = write_store(root, shapes, n_silos, method)
             all_files = silo_files(root, [f"{method}{k}" for k in range(n_silos)])
             size = sum(os.path.getsize(f) for f in all_files)
-            print(f"wrote {n_silos} {method} updates, {size / 1e9:.2f} GB on disk, "
-                  f"in {wt:.1f} s ({size / wt / 1e6:.0f} MB/s)")
+            print(
+                f"wrote {n_silos} {method} updates, {size / 1e9:.2f} GB on disk, "
+                f"in {wt:.1f} s ({size / wt / 1e6:.0f} MB/s)"
+            )
             drop_cache(all_files)
             nbytes, cold = raw_read(all_files)
             _, warm = raw_read(all_files)
             raw_cold, raw_warm = nbytes / cold / 1e6, nbytes / warm / 1e6
             raw[method] = (raw_cold, raw_warm)
-            print(f"raw sequential read of those files: cold {raw_cold:.0f} MB/s, page-cached {raw_warm:.0f} MB/s")
+            print(
+                f"raw sequential read of those files: cold {raw_cold:.0f} MB/s, page-cached {raw_warm:.0f} MB/s"
+            )
             for n in sorted({min(args.few, n_silos), n_silos}):
                 r = run_child(root, method, n, shapes, args.budget_mb << 20, env)
                 mbps = r["bytes"] / r["seconds"] / 1e6
-                rows.append({
-                    "method": method, "silos": n, "GB": r["bytes"] / 1e9, "stream_s": r["seconds"],
-                    "stream_MBps": mbps, "vs_raw_cold": mbps / raw_cold, "vs_raw_cached": mbps / raw_warm,
-                    "validate_MBps": r["bytes"] / r["validate_s"] / 1e6,
-                    "rss_peak_MB": r["rss_peak_kib"] / 1024,
-                    "rss_added_MB": (r["rss_peak_kib"] - r["rss_before_kib"]) / 1024,
-                    "mean+budg_MB": n_params * 4 / 2**20 + args.budget_mb,
-                })
+                rows.append(
+                    {
+                        "method": method,
+                        "silos": n,
+                        "GB": r["bytes"] / 1e9,
+                        "stream_s": r["seconds"],
+                        "stream_MBps": mbps,
+                        "vs_raw_cold": mbps / raw_cold,
+                        "vs_raw_cached": mbps / raw_warm,
+                        "validate_MBps": r["bytes"] / r["validate_s"] / 1e6,
+                        "rss_peak_MB": r["rss_peak_kib"] / 1024,
+                        "rss_added_MB": (r["rss_peak_kib"] - r["rss_before_kib"]) / 1024,
+                        "mean+budg_MB": n_params * 4 / 2**20 + args.budget_mb,
+                    }
+                )
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
 
-    head = ["method", "silos", "GB", "stream_s", "stream_MBps", "vs_raw_cold", "vs_raw_cached",
-            "validate_MBps", "rss_peak_MB", "rss_added_MB", "mean+budg_MB"]
+    head = [
+        "method",
+        "silos",
+        "GB",
+        "stream_s",
+        "stream_MBps",
+        "vs_raw_cold",
+        "vs_raw_cached",
+        "validate_MBps",
+        "rss_peak_MB",
+        "rss_added_MB",
+        "mean+budg_MB",
+    ]
     print()
     print(" | ".join(f"{h:>13}" for h in head))
     for r in rows:
@@ -203,12 +233,16 @@ def main() -> None:
             a, b = mine
             dt = b["stream_s"] - a["stream_s"]
             marginal = (b["GB"] - a["GB"]) * 1e3 / dt if dt > 0 else float("nan")  # nan: too noisy to tell
-            print(f"{method}: {b['silos']} vs {a['silos']} silos: data x{b['GB'] / a['GB']:.1f}, "
-                  f"time x{b['stream_s'] / a['stream_s']:.2f}, peak RSS x{b['rss_peak_MB'] / a['rss_peak_MB']:.2f} "
-                  f"(+{b['rss_peak_MB'] - a['rss_peak_MB']:.0f} MB); marginal stream throughput "
-                  f"{marginal:.0f} MB/s = {marginal / raw[method][0]:.2f} x raw cold read")
-    print("rss_added_MB: peak RSS during stream_weighted_mean minus before it; "
-          "mean+budg_MB: f32 mean of the model + read budget")
+            print(
+                f"{method}: {b['silos']} vs {a['silos']} silos: data x{b['GB'] / a['GB']:.1f}, "
+                f"time x{b['stream_s'] / a['stream_s']:.2f}, peak RSS x{b['rss_peak_MB'] / a['rss_peak_MB']:.2f} "
+                f"(+{b['rss_peak_MB'] - a['rss_peak_MB']:.0f} MB); marginal stream throughput "
+                f"{marginal:.0f} MB/s = {marginal / raw[method][0]:.2f} x raw cold read"
+            )
+    print(
+        "rss_added_MB: peak RSS during stream_weighted_mean minus before it; "
+        "mean+budg_MB: f32 mean of the model + read budget"
+    )
     print(f"(this process: peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB)")
 
 

@@ -38,10 +38,16 @@ def main() -> None:
     args = p.parse_args()
     mcfg = model_lib.ModelConfig.from_dict(presets.model_preset(args.preset))
     tx, sched = optim.make_optimizer(optim.default_optim_config(), 1000)
-    silo = Silo(mcfg, tx, sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1]), schedule=sched)
+    silo = Silo(
+        mcfg,
+        tx,
+        sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1]),
+        schedule=sched,
+    )
     state = silo.init_state(jax.random.key(0))
-    client = functools.partial(federation.client_round, step_fn=silo.step_fn, tx=tx, method="int8",
-                               block_size=256, reset_opt=False)
+    client = functools.partial(
+        federation.client_round, step_fn=silo.step_fn, tx=tx, method="int8", block_size=256, reset_opt=False
+    )
     k, h = args.silos, args.H
     rng = np.random.default_rng(0)
     toks = rng.integers(0, mcfg.vocab_size, size=(k, h, args.batch, args.seq + 1), dtype=np.int32)
@@ -52,12 +58,16 @@ def main() -> None:
     seq_fn = jax.jit(client)
 
     def sequential():
-        outs = [seq_fn(state.params, opts[i], errs[i], jnp.int32(0), {kk: v[i] for kk, v in batches.items()})
-                for i in range(k)]
+        outs = [
+            seq_fn(state.params, opts[i], errs[i], jnp.int32(0), {kk: v[i] for kk, v in batches.items()})
+            for i in range(k)
+        ]
         jax.block_until_ready(outs)
 
     n_dev = np.gcd(k, jax.device_count())
-    mesh = jax.make_mesh((n_dev,), ("silo",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:n_dev])
+    mesh = jax.make_mesh(
+        (n_dev,), ("silo",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:n_dev]
+    )
     lead = jax.sharding.NamedSharding(mesh, jax.P("silo"))
     stack = lambda trees: jax.tree.map(lambda *xs: jax.device_put(jnp.stack(xs), lead), *trees)
     s_opt, s_err, s_bat = stack(opts), stack(errs), jax.device_put(batches, lead)
@@ -79,12 +89,16 @@ def main() -> None:
             times.append(time.perf_counter() - t)
         results[name] = (first, statistics.median(times))
     tokens = k * h * args.batch * args.seq
-    print(f"{k} silos x H={h} x batch {args.batch}x{args.seq} ({tokens:,} tokens/round), preset {args.preset}, "
-          f"{jax.device_count()} devices")
+    print(
+        f"{k} silos x H={h} x batch {args.batch}x{args.seq} ({tokens:,} tokens/round), preset {args.preset}, "
+        f"{jax.device_count()} devices"
+    )
     print(f"{'path':<14} {'first round s':>14} {'round s':>9} {'tokens/s':>10}")
     for name, (first, med) in results.items():
         print(f"{name:<14} {first:>14.2f} {med:>9.2f} {tokens / med:>10,.0f}")
-    print(f"speed-up silo-parallel / sequential: {results['sequential'][1] / results['silo-parallel'][1]:.2f}x")
+    print(
+        f"speed-up silo-parallel / sequential: {results['sequential'][1] / results['silo-parallel'][1]:.2f}x"
+    )
 
 
 if __name__ == "__main__":

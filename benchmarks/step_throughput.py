@@ -62,8 +62,14 @@ def step_throughput(preset: str, batch: int, seq: int, steps: int) -> dict:
         times.append(time.perf_counter() - t)
     step_s = statistics.median(times)
     tok_s = batch * seq / step_s
-    return dict(preset=preset, params=model_lib.param_count(mcfg), step_s=step_s, tok_s=tok_s,
-                flops_per_token=model_lib.flops_per_token(mcfg, seq), compile_s=compile_s)
+    return dict(
+        preset=preset,
+        params=model_lib.param_count(mcfg),
+        step_s=step_s,
+        tok_s=tok_s,
+        flops_per_token=model_lib.flops_per_token(mcfg, seq),
+        compile_s=compile_s,
+    )
 
 
 def main() -> None:
@@ -74,13 +80,19 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     args = p.parse_args()
     peak = matmul_peak()
-    print(f"devices: {jax.device_count()} x {jax.devices()[0].platform}; matmul peak (4096^2 f32): {peak / 1e9:.1f} GFLOP/s")
-    print(f"{'preset':<8} {'params':>12} {'step ms':>9} {'tokens/s':>10} {'GFLOP/s':>9} {'MFU vs peak':>12} {'compile s':>10}")
+    print(
+        f"devices: {jax.device_count()} x {jax.devices()[0].platform}; matmul peak (4096^2 f32): {peak / 1e9:.1f} GFLOP/s"
+    )
+    print(
+        f"{'preset':<8} {'params':>12} {'step ms':>9} {'tokens/s':>10} {'GFLOP/s':>9} {'MFU vs peak':>12} {'compile s':>10}"
+    )
     for name in args.presets.split(","):
         r = step_throughput(name, args.batch, args.seq, args.steps)
         achieved = r["tok_s"] * r["flops_per_token"]
-        print(f"{name:<8} {r['params']:>12,} {r['step_s'] * 1e3:>9.1f} {r['tok_s']:>10,.0f} "
-              f"{achieved / 1e9:>9.1f} {achieved / peak:>11.1%} {r['compile_s']:>10.1f}")
+        print(
+            f"{name:<8} {r['params']:>12,} {r['step_s'] * 1e3:>9.1f} {r['tok_s']:>10,.0f} "
+            f"{achieved / 1e9:>9.1f} {achieved / peak:>11.1%} {r['compile_s']:>10.1f}"
+        )
 
 
 if __name__ == "__main__":

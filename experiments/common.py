@@ -14,7 +14,9 @@ from fedjax_lm import optim
 from fedjax_lm import sharding
 
 
-def base_config(*, size: str = "tiny", seq_len: int = 128, batch_size: int = 16, steps: int = 300) -> ml_collections.ConfigDict:
+def base_config(
+    *, size: str = "tiny", seq_len: int = 128, batch_size: int = 16, steps: int = 300
+) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.name = "base"
     c.data = data_lib.default_data_config()

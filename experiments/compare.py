@@ -29,13 +29,16 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def configs(size: str, rounds: int, H: int, batch: int, silos: int, evals: int):
     every = max(1, rounds // evals)
     photon = config_lib.load_config(
-        f"{HERE}/photon.py:size={size},silos={silos},rounds={rounds},H={H},batch_size={batch},eval_every={every}")
+        f"{HERE}/photon.py:size={size},silos={silos},rounds={rounds},H={H},batch_size={batch},eval_every={every}"
+    )
     diloco = config_lib.load_config(
         f"{HERE}/diloco.py:size={size},silos={silos},rounds={rounds},H={max(1, H // 4)},batch_size={batch * 4},"
-        f"eval_every={every}")
+        f"eval_every={every}"
+    )
     steps = rounds * H
     central = config_lib.load_config(
-        f"{HERE}/centralized.py:size={size},steps={steps},batch_size={batch * silos}")
+        f"{HERE}/centralized.py:size={size},steps={steps},batch_size={batch * silos}"
+    )
     central.data = photon.data  # the same silos and corpus
     central.train.eval_every = every * H
     return {"centralized": central, "photon": photon, "diloco": diloco}
@@ -66,8 +69,15 @@ def table(results: dict) -> str:
         comm = s.get("communication")
         moved = monitor.human_bytes(comm["bytes_moved"]) if comm else "(all-reduce every step)"
         ratio = f"{comm['traffic_ratio_vs_dp']:.0f}x less" if comm else "1x"
-        row = [name, f"{s['tokens']:,.0f}", f"{s['wall_time_s']:.0f}", f"{s['val']['pooled']['ppl']:.2f}",
-               *(f"{s['val']['per_silo'][k]['ppl']:.2f}" for k in silos), moved, ratio]
+        row = [
+            name,
+            f"{s['tokens']:,.0f}",
+            f"{s['wall_time_s']:.0f}",
+            f"{s['val']['pooled']['ppl']:.2f}",
+            *(f"{s['val']['per_silo'][k]['ppl']:.2f}" for k in silos),
+            moved,
+            ratio,
+        ]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -122,8 +132,10 @@ def main() -> None:
         curves[name] = curve("centralized" if name == "centralized" else "federated", wd, cfg)
     md = table(results)
     with open(os.path.join(args.workdir, "results.md"), "w") as f:
-        f.write(f"Command: python experiments/compare.py --workdir {args.workdir} --size {args.size} "
-                f"--rounds {args.rounds} --H {args.H} --batch {args.batch} --silos {args.silos}\n\n{md}\n")
+        f.write(
+            f"Command: python experiments/compare.py --workdir {args.workdir} --size {args.size} "
+            f"--rounds {args.rounds} --H {args.H} --batch {args.batch} --silos {args.silos}\n\n{md}\n"
+        )
     plot(curves, os.path.join(args.workdir, "curves.png"))
     print(md)
     print(f"wrote {args.workdir}/results.md and {args.workdir}/curves.png")

@@ -9,9 +9,24 @@ from fedjax_lm.config import parse_variant
 
 # Keys every federated config accepts after the colon: photon.py:size=tiny,silos=8,K=4,H=32
 COMMON_KEYS = dict(
-    size="tiny", silos=8, K=0, H=32, rounds=8, batch_size=8, seq_len=128, lr=3e-3,
-    outer="fedavg", outer_lr=0.0, compression="int8", inner_state="keep", parallel=False,
-    vocab=4096, max_bytes=2_000_000, partition="natural", eval_every=0, seed=0,
+    size="tiny",
+    silos=8,
+    K=0,
+    H=32,
+    rounds=8,
+    batch_size=8,
+    seq_len=128,
+    lr=3e-3,
+    outer="fedavg",
+    outer_lr=0.0,
+    compression="int8",
+    inner_state="keep",
+    parallel=False,
+    vocab=4096,
+    max_bytes=2_000_000,
+    partition="natural",
+    eval_every=0,
+    seed=0,
 )
 
 

@@ -27,7 +27,9 @@ if __name__ == "__main__":
     n = _simulated_devices_from_argv(sys.argv)
     if n and n > 1 and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
         # Only affects the CPU backend; on TPU/GPU the real devices are used.
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}").strip()
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}"
+        ).strip()
     from fedjax_lm import cli
 
     cli.main()

@@ -13,9 +13,7 @@ Verbs:
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -23,10 +21,13 @@ from ml_collections import config_flags
 VERBS = ("prepare", "train", "compile", "eval", "export", "aggregate", "silo")
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file, e.g. experiments/centralized.py:size=tiny", accept_new_attributes=False)
+    "config", None, "Config file, e.g. experiments/centralized.py:size=tiny", accept_new_attributes=False
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (checkpoints, metrics, summary.json)")
 _MESH = flags.DEFINE_string("mesh", None, "compile: mesh as data,fsdp,tensor (e.g. 1,8,1)")
-_BATCH = flags.DEFINE_integer("batch_size", None, "compile: global batch size (default: config.train.batch_size)")
+_BATCH = flags.DEFINE_integer(
+    "batch_size", None, "compile: global batch size (default: config.train.batch_size)"
+)
 _OUT = flags.DEFINE_string("out", None, "export: output folder")
 _STORE = flags.DEFINE_string("store", None, "aggregate/silo: the store root (path, gs://, s3://)")
 _SILO = flags.DEFINE_string("silo", None, "silo: this silo's name")
@@ -46,7 +47,9 @@ def _cmd_prepare(config) -> None:
     corpus = data_lib.Corpus.load(config.data.corpus_dir)
     del info
     print(f"corpus ready at {config.data.corpus_dir}: {len(corpus.silos)} silos, vocab {corpus.vocab_size}")
-    print("silos: " + " ".join(train.active_silos(config, corpus)))  # last line: read by launch/local_federation.sh
+    print(
+        "silos: " + " ".join(train.active_silos(config, corpus))
+    )  # last line: read by launch/local_federation.sh
 
 
 def _cmd_train(config) -> None:
@@ -72,7 +75,9 @@ def _cmd_compile(config) -> None:
         try:
             d, f, t = (int(x) for x in _MESH.value.split(","))
         except ValueError:
-            raise app.UsageError(f"--mesh must be data,fsdp,tensor (three integers), got {_MESH.value!r}")
+            raise app.UsageError(
+                f"--mesh must be data,fsdp,tensor (three integers), got {_MESH.value!r}"
+            ) from None
         config.mesh.update(dict(data=d, fsdp=f, tensor=t))
     silo = train.build_silo(config, total_steps=int(config.train.steps))
     batch = _BATCH.value or int(config.train.batch_size)
@@ -81,15 +86,27 @@ def _cmd_compile(config) -> None:
     mem = compiled.memory_analysis()
     n = model_lib.param_count(silo.model_config)
     print(f"model: {n:,} params, {model_lib.flops_per_token(silo.model_config, seq):.3e} train FLOPs/token")
-    print(f"mesh: {dict(silo.mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} devices; batch {batch}x{seq}")
+    print(
+        f"mesh: {dict(silo.mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} devices; batch {batch}x{seq}"
+    )
     if mem is not None:
-        fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
-                  "alias_size_in_bytes", "generated_code_size_in_bytes")
+        fields = (
+            "argument_size_in_bytes",
+            "output_size_in_bytes",
+            "temp_size_in_bytes",
+            "alias_size_in_bytes",
+            "generated_code_size_in_bytes",
+        )
         for f in fields:
             v = getattr(mem, f, None)
             if v is not None:
                 print(f"per-device {f.replace('_in_bytes', '')}: {monitor.human_bytes(v)}")
-        total = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
+        total = (
+            mem.argument_size_in_bytes
+            + mem.output_size_in_bytes
+            + mem.temp_size_in_bytes
+            - mem.alias_size_in_bytes
+        )
         print(f"per-device peak estimate: {monitor.human_bytes(total)}")
     cost = compiled.cost_analysis()
     if cost:
@@ -119,8 +136,13 @@ def _cmd_eval(config) -> None:
     workdir = _require(_WORKDIR, "workdir", "eval")
     corpus = train.ensure_corpus(config.data)
     silo, state, step = _load_latest(config, workdir)
-    sets = eval_lib.eval_sets(corpus, train.active_silos(config, corpus), seq_len=int(config.train.seq_len),
-                              batch_size=int(config.train.batch_size), max_batches=int(config.train.eval_batches))
+    sets = eval_lib.eval_sets(
+        corpus,
+        train.active_silos(config, corpus),
+        seq_len=int(config.train.seq_len),
+        batch_size=int(config.train.batch_size),
+        max_batches=int(config.train.eval_batches),
+    )
     result = eval_lib.evaluate(silo, state.params, sets)
     print(f"step {step}")
     print(eval_lib.format_table(result))
@@ -135,8 +157,12 @@ def _cmd_export(config) -> None:
     out = _require(_OUT, "out", "export")
     silo, state, step = _load_latest(config, workdir)
     tok = os.path.join(config.data.corpus_dir, "tokenizer.model")
-    export.export_hf_llama(jax.device_get(state.params), silo.model_config, out,
-                           tokenizer_path=tok if os.path.exists(tok) else None)
+    export.export_hf_llama(
+        jax.device_get(state.params),
+        silo.model_config,
+        out,
+        tokenizer_path=tok if os.path.exists(tok) else None,
+    )
     print(f"exported step {step} to {out} (Hugging Face Llama format)")
 
 
@@ -168,7 +194,9 @@ def _cmd_silo(config) -> None:
 
 def _main(argv: list[str]) -> None:
     if len(argv) < 2 or argv[1] not in VERBS:
-        raise app.UsageError(f"usage: python -m fedjax_lm <{'|'.join(VERBS)}> --config FILE[:VARIANT] [flags]")
+        raise app.UsageError(
+            f"usage: python -m fedjax_lm <{'|'.join(VERBS)}> --config FILE[:VARIANT] [flags]"
+        )
     if len(argv) > 2:
         raise app.UsageError(f"unexpected arguments: {argv[2:]}")
     from fedjax_lm import sharding
@@ -181,8 +209,15 @@ def _main(argv: list[str]) -> None:
     if config is None:
         raise app.UsageError("--config is required, e.g. --config experiments/centralized.py:size=tiny")
     verb = argv[1]
-    {"prepare": _cmd_prepare, "train": _cmd_train, "compile": _cmd_compile,
-     "eval": _cmd_eval, "export": _cmd_export, "aggregate": _cmd_aggregate, "silo": _cmd_silo}[verb](config)
+    {
+        "prepare": _cmd_prepare,
+        "train": _cmd_train,
+        "compile": _cmd_compile,
+        "eval": _cmd_eval,
+        "export": _cmd_export,
+        "aggregate": _cmd_aggregate,
+        "silo": _cmd_silo,
+    }[verb](config)
 
 
 def main() -> None:

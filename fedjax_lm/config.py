@@ -16,7 +16,7 @@ import ml_collections
 
 
 def parse_variant(arg: str | None, defaults: Mapping[str, Any]) -> dict[str, Any]:
-    """"a=1,b=x" -> {"a": 1, "b": "x"} over `defaults`; unknown keys are an error naming them."""
+    """ "a=1,b=x" -> {"a": 1, "b": "x"} over `defaults`; unknown keys are an error naming them."""
     out = dict(defaults)
     if not arg:
         return out
@@ -77,7 +77,9 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     return module.get_config(arg or None) if arg else module.get_config()
 
 
-def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
+def apply_overrides(
+    config: ml_collections.ConfigDict, overrides: Mapping[str, Any]
+) -> ml_collections.ConfigDict:
     """{"train.steps": 10} -> config.train.steps = 10, refusing keys that do not exist."""
     for dotted, value in overrides.items():
         node = config

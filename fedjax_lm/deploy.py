@@ -21,9 +21,7 @@ Crash safety comes from ordering and determinism, not from live connections:
 from __future__ import annotations
 
 import json
-import math
 import os
-import socket
 import statistics
 import time
 from collections.abc import Mapping, Sequence
@@ -63,15 +61,25 @@ class Runtime:
         self.client = jax.jit(self.silo._with_rules(federation.make_client_fn(self.silo, fed)))
         abstract = self.silo.abstract_params
         self.abstract_params = jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, self.silo.param_shardings)
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            abstract,
+            self.silo.param_shardings,
+        )
         replicated = NamedSharding(self.silo.mesh, P())
         abstract_outer = jax.eval_shape(self.algo.tx.init, abstract)
-        outer_shardings = optax.tree_map_params(self.algo.tx, lambda _, s: s, abstract_outer,
-                                                self.silo.param_shardings, transform_non_params=lambda _: replicated)
+        outer_shardings = optax.tree_map_params(
+            self.algo.tx,
+            lambda _, s: s,
+            abstract_outer,
+            self.silo.param_shardings,
+            transform_non_params=lambda _: replicated,
+        )
         self.abstract_outer_opt = jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_outer, outer_shardings)
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_outer, outer_shardings
+        )
         self.abstract_payload = jax.eval_shape(
-            lambda p: compression.compress(p, None, fed.compression, int(fed.block_size))[0], abstract)
+            lambda p: compression.compress(p, None, fed.compression, int(fed.block_size))[0], abstract
+        )
 
     def initial_server(self) -> outer.OuterState:
         state = self.silo.init_state(jax.random.key(int(self.config.train.seed)))
@@ -105,7 +113,10 @@ class Deadlines:
     def next(self) -> float:
         if not self.cfg["adaptive_deadline"] or not self.recent:
             return float(self.cfg["deadline_s"])
-        return max(float(self.cfg["min_deadline_s"]), float(self.cfg["deadline_factor"]) * statistics.median(self.recent))
+        return max(
+            float(self.cfg["min_deadline_s"]),
+            float(self.cfg["deadline_factor"]) * statistics.median(self.recent),
+        )
 
 
 class Aggregator:
@@ -123,11 +134,19 @@ class Aggregator:
         return federation.sample_silos(self.names, int(fed.silos_per_round), int(fed.sample_seed), r)
 
     def _publish(self, r: int, server: outer.OuterState, extra: Mapping[str, Any]) -> None:
-        meta = {"round": r, "sampled": self._sample(r), "published_at": time.time(),
-                "deadline": time.time() + self.deadlines.next(), **extra}
+        meta = {
+            "round": r,
+            "sampled": self._sample(r),
+            "published_at": time.time(),
+            "deadline": time.time() + self.deadlines.next(),
+            **extra,
+        }
         if self.store.publish_global(r, server.params, server.opt_state, meta):
-            _log("aggregator", f"published global/{r}: silos {meta['sampled']}, deadline in "
-                               f"{meta['deadline'] - meta['published_at']:.0f}s")
+            _log(
+                "aggregator",
+                f"published global/{r}: silos {meta['sampled']}, deadline in "
+                f"{meta['deadline'] - meta['published_at']:.0f}s",
+            )
 
     def wait_for_round(self, r: int, meta: Mapping[str, Any]) -> list[str]:
         sampled = list(meta["sampled"])
@@ -141,11 +160,17 @@ class Aggregator:
             if now >= meta["deadline"]:
                 if len(committed) >= quorum:
                     late = sorted(set(sampled) - set(committed))
-                    _log("aggregator", f"round {r}: deadline passed; closing with {len(committed)}/{len(sampled)} "
-                                       f"silos, late: {late}")
+                    _log(
+                        "aggregator",
+                        f"round {r}: deadline passed; closing with {len(committed)}/{len(sampled)} "
+                        f"silos, late: {late}",
+                    )
                     return committed
                 if not warned:
-                    _log("aggregator", f"round {r}: deadline passed with {len(committed)} < quorum {quorum}; waiting")
+                    _log(
+                        "aggregator",
+                        f"round {r}: deadline passed with {len(committed)} < quorum {quorum}; waiting",
+                    )
                     warned = True
             time.sleep(float(self.dcfg.poll_s))
 
@@ -169,9 +194,15 @@ class Aggregator:
         for silo in sorted(set(everything) | set(committed)):
             try:
                 manifests[silo] = self.store.validate_update(
-                    r, silo, self.rt.abstract_payload, expected_silos=meta["sampled"], closed_rounds=closed,
-                    current_round=r, max_norm=float(self.dcfg.max_update_norm) or None,
-                    like_params=self.rt.silo.abstract_params)
+                    r,
+                    silo,
+                    self.rt.abstract_payload,
+                    expected_silos=meta["sampled"],
+                    closed_rounds=closed,
+                    current_round=r,
+                    max_norm=float(self.dcfg.max_update_norm) or None,
+                    like_params=self.rt.silo.abstract_params,
+                )
             except store_lib.UpdateRejected as e:
                 rejected[silo] = str(e)
                 _log("aggregator", f"REJECTED {e}")
@@ -184,20 +215,34 @@ class Aggregator:
             _log("aggregator", f"round {r}: no acceptable update; global params unchanged")
             server = outer.OuterState(server.params, server.opt_state, server.round + 1)
             stats = {}
-        durations = [m["finished_at"] - meta["published_at"] for m in manifests.values() if "finished_at" in m]
+        durations = [
+            m["finished_at"] - meta["published_at"] for m in manifests.values() if "finished_at" in m
+        ]
         self.deadlines.observe(durations)
         param_bytes = compression.raw_nbytes(self.rt.silo.abstract_params)
         comm = self.ledger.record_round(
-            r, down={s: param_bytes for s in manifests}, up={s: int(m["bytes"]) for s, m in manifests.items()},
-            dp_equivalent=monitor.dp_allreduce_bytes(param_bytes, self.rt.H, len(manifests)))
-        row = {"round": r, "accepted": sorted(manifests), "rejected": rejected, "ignored_late": late,
-               "tokens": sum(weights.values()),
-               "train_loss": float(np.average([m["loss"] for m in manifests.values()], weights=list(weights.values())))
-               if weights else None,
-               "bytes_up": comm["bytes_up"], "bytes_down": comm["bytes_down"],
-               "dp_equivalent_bytes": comm["dp_equivalent_bytes"],
-               **stats,
-               "silo_seconds": {s: m.get("finished_at", 0) - meta["published_at"] for s, m in manifests.items()}}
+            r,
+            down={s: param_bytes for s in manifests},
+            up={s: int(m["bytes"]) for s, m in manifests.items()},
+            dp_equivalent=monitor.dp_allreduce_bytes(param_bytes, self.rt.H, len(manifests)),
+        )
+        row = {
+            "round": r,
+            "accepted": sorted(manifests),
+            "rejected": rejected,
+            "ignored_late": late,
+            "tokens": sum(weights.values()),
+            "train_loss": float(
+                np.average([m["loss"] for m in manifests.values()], weights=list(weights.values()))
+            )
+            if weights
+            else None,
+            "bytes_up": comm["bytes_up"],
+            "bytes_down": comm["bytes_down"],
+            "dp_equivalent_bytes": comm["dp_equivalent_bytes"],
+            **stats,
+            "silo_seconds": {s: m.get("finished_at", 0) - meta["published_at"] for s, m in manifests.items()},
+        }
         return server, row
 
     def run(self) -> dict[str, Any]:
@@ -208,7 +253,9 @@ class Aggregator:
             writer = monitor.MetricWriter(self.workdir)
             r = self.store.latest_global()
             if r is None:
-                self.store.write_run({"config": json.loads(self.config.to_json_best_effort()), "silos": self.names})
+                self.store.write_run(
+                    {"config": json.loads(self.config.to_json_best_effort()), "silos": self.names}
+                )
                 self._publish(0, self.rt.initial_server(), {})
                 r = 0
             else:
@@ -224,26 +271,45 @@ class Aggregator:
                 lock.refresh()
                 row["time_aggregate"] = time.perf_counter() - t_round
                 writer.write("rounds", r + 1, row)
-                _log("aggregator", f"round {r + 1}/{self.rt.rounds}: accepted {row['accepted']} "
-                                   f"rejected {sorted(row['rejected'])} loss {row['train_loss']}")
+                _log(
+                    "aggregator",
+                    f"round {r + 1}/{self.rt.rounds}: accepted {row['accepted']} "
+                    f"rejected {sorted(row['rejected'])} loss {row['train_loss']}",
+                )
                 pause = float(os.environ.get("FEDJAX_PAUSE_BEFORE_PUBLISH_S", "0"))  # fault-injection window
                 if pause:
                     _log("aggregator", f"pausing before publishing global/{r + 1} for {pause}s")
                     time.sleep(pause)
-                self._publish(r + 1, server, {"closed": r, "accepted": row["accepted"], "rejected": row["rejected"],
-                                              "comm": self.ledger.rounds[-1]})
+                self._publish(
+                    r + 1,
+                    server,
+                    {
+                        "closed": r,
+                        "accepted": row["accepted"],
+                        "rejected": row["rejected"],
+                        "comm": self.ledger.rounds[-1],
+                    },
+                )
                 r += 1
             server, _ = self.rt.read_server(self.store, self.rt.rounds)
-            summary = {"config": self.config.name, "kind": "federated-deployment", "rounds": self.rt.rounds,
-                       "store": self.store.root, "wall_time_s": time.time() - t0,
-                       "params": model_lib.param_count(self.rt.silo.model_config),
-                       "communication": self.ledger.totals()}
+            summary = {
+                "config": self.config.name,
+                "kind": "federated-deployment",
+                "rounds": self.rt.rounds,
+                "store": self.store.root,
+                "wall_time_s": time.time() - t0,
+                "params": model_lib.param_count(self.rt.silo.model_config),
+                "communication": self.ledger.totals(),
+            }
             try:
                 corpus = data_lib.Corpus.load(self.config.data.corpus_dir)
-                sets = eval_lib.eval_sets(corpus, train_lib.active_silos(self.config, corpus),
-                                          seq_len=int(self.config.train.seq_len),
-                                          batch_size=int(self.config.train.batch_size),
-                                          max_batches=int(self.config.train.eval_batches))
+                sets = eval_lib.eval_sets(
+                    corpus,
+                    train_lib.active_silos(self.config, corpus),
+                    seq_len=int(self.config.train.seq_len),
+                    batch_size=int(self.config.train.batch_size),
+                    max_batches=int(self.config.train.eval_batches),
+                )
                 summary["val"] = eval_lib.evaluate(self.rt.silo, server.params, sets)
                 print(eval_lib.format_table(summary["val"]))
             except FileNotFoundError:
@@ -284,8 +350,11 @@ class SiloWorker:
         sh = self.rt.silo
         abstract = {}
         if self.keep:
-            abstract["opt_state"] = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                                 jax.eval_shape(sh.tx.init, sh.abstract_params), sh.opt_shardings)
+            abstract["opt_state"] = jax.tree.map(
+                lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                jax.eval_shape(sh.tx.init, sh.abstract_params),
+                sh.opt_shardings,
+            )
         if self.feedback:
             abstract["error"] = self.rt.abstract_params
         return abstract
@@ -294,8 +363,10 @@ class SiloWorker:
         """(private arrays, last round trained); a fresh state before the first round."""
         last = self.store.latest_silo_state(self.name)
         if last is None:
-            arrays = {"opt_state": self.rt.silo.fresh_opt_state(params0) if self.keep else None,
-                      "error": compression.init_error(params0) if self.feedback else None}
+            arrays = {
+                "opt_state": self.rt.silo.fresh_opt_state(params0) if self.keep else None,
+                "error": compression.init_error(params0) if self.feedback else None,
+            }
             return arrays, -1
         arrays, meta = self.store.restore_silo_state(self.name, last, self._abstract_private())
         self.iterator.set_state(meta["data_iterator"])
@@ -307,8 +378,13 @@ class SiloWorker:
         batches = self.rt.silo.put_batch(federation.next_batches(self.iterator, self.rt.H), ndim=3)
         t = time.perf_counter()
         with jax.set_mesh(self.rt.silo.mesh):
-            out = self.rt.client(server.params, private["opt_state"], private["error"],
-                                 jnp.asarray(r * self.rt.H, jnp.int32), batches)
+            out = self.rt.client(
+                server.params,
+                private["opt_state"],
+                private["error"],
+                jnp.asarray(r * self.rt.H, jnp.int32),
+                batches,
+            )
         loss = float(np.asarray(out.metrics["loss"]).mean())
         return out, loss, float(np.asarray(out.metrics["tokens"]).sum()), time.perf_counter() - t
 
@@ -329,25 +405,47 @@ class SiloWorker:
                 params0, _, _ = self.store.read_global(0, self.rt.abstract_params, self.rt.abstract_outer_opt)
             private, last = self._load_private(params0)
             if self.name not in meta["sampled"] or last >= r:
-                self.store.wait_for_global(r + 1, timeout_s=10 * 24 * 3600, poll_s=float(self.config.federation.deploy.poll_s))
+                self.store.wait_for_global(
+                    r + 1, timeout_s=10 * 24 * 3600, poll_s=float(self.config.federation.deploy.poll_s)
+                )
                 continue
             committed = self.store.is_committed(r, self.name)
             out, loss, tokens, secs = self.train_round(r, private)
             if not committed:
                 if np.isfinite(loss):
-                    self.store.write_update(r, self.name, out.payload, {  # each host writes its own shards
-                        "round": r, "silo": self.name, "tokens": tokens, "loss": loss, "train_seconds": secs,
-                        "method": self.config.federation.compression, "finished_at": time.time(),
-                        "flops": tokens * model_lib.flops_per_token(self.rt.silo.model_config,
-                                                                    int(self.config.train.seq_len)),
-                    })
+                    self.store.write_update(
+                        r,
+                        self.name,
+                        out.payload,
+                        {  # each host writes its own shards
+                            "round": r,
+                            "silo": self.name,
+                            "tokens": tokens,
+                            "loss": loss,
+                            "train_seconds": secs,
+                            "method": self.config.federation.compression,
+                            "finished_at": time.time(),
+                            "flops": tokens
+                            * model_lib.flops_per_token(
+                                self.rt.silo.model_config, int(self.config.train.seq_len)
+                            ),
+                        },
+                    )
                     uploads += 1
-                    _log(self.name, f"round {r}: uploaded (loss {loss:.3f}, {tokens:.0f} tokens, {secs:.1f}s)")
+                    _log(
+                        self.name, f"round {r}: uploaded (loss {loss:.3f}, {tokens:.0f} tokens, {secs:.1f}s)"
+                    )
                 else:
                     _log(self.name, f"round {r}: local loss {loss}; not uploading")
             else:
-                _log(self.name, f"round {r}: already committed before a restart; rebuilding private state only")
-            self.store.save_silo_state(self.name, r, self._private_arrays(out),
-                                       {"round": r, "data_iterator": self.iterator.get_state()})
+                _log(
+                    self.name, f"round {r}: already committed before a restart; rebuilding private state only"
+                )
+            self.store.save_silo_state(
+                self.name,
+                r,
+                self._private_arrays(out),
+                {"round": r, "data_iterator": self.iterator.get_state()},
+            )
             if max_rounds is not None and uploads >= max_rounds:
                 return uploads

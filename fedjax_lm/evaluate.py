@@ -11,15 +11,21 @@ import numpy as np
 from fedjax_lm import data as data_lib
 
 
-def eval_sets(corpus: "data_lib.Corpus", silos: Sequence[str], *, seq_len: int, batch_size: int, max_batches: int):
+def eval_sets(
+    corpus: "data_lib.Corpus", silos: Sequence[str], *, seq_len: int, batch_size: int, max_batches: int
+):
     """Deterministic validation batches per silo (the same for every run of a config)."""
     return {
-        s: data_lib.eval_batches(corpus, s, split="val", seq_len=seq_len, batch_size=batch_size, max_batches=max_batches)
+        s: data_lib.eval_batches(
+            corpus, s, split="val", seq_len=seq_len, batch_size=batch_size, max_batches=max_batches
+        )
         for s in silos
     }
 
 
-def evaluate(silo_runtime: Any, params: Any, sets: Mapping[str, list[Mapping[str, np.ndarray]]]) -> dict[str, Any]:
+def evaluate(
+    silo_runtime: Any, params: Any, sets: Mapping[str, list[Mapping[str, np.ndarray]]]
+) -> dict[str, Any]:
     """{'per_silo': {silo: {loss, ppl, tokens}}, 'pooled': {loss, ppl, tokens}}."""
     per = {}
     total, count = 0.0, 0.0

@@ -22,7 +22,6 @@ import dataclasses
 import functools
 import math
 import os
-import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -47,9 +46,20 @@ from fedjax_lm.silo import Silo, TrainState, local_train
 
 INNER_STATE_MODES = ("keep", "reset")
 _FIELDS = {
-    "rounds", "local_steps", "silos_per_round", "inner_state", "aggregate_inner_moments",
-    "compression", "block_size", "error_feedback", "outer", "parallel", "sample_seed",
-    "eval_every", "checkpoint_every", "deploy",
+    "rounds",
+    "local_steps",
+    "silos_per_round",
+    "inner_state",
+    "aggregate_inner_moments",
+    "compression",
+    "block_size",
+    "error_feedback",
+    "outer",
+    "parallel",
+    "sample_seed",
+    "eval_every",
+    "checkpoint_every",
+    "deploy",
 }
 
 
@@ -70,16 +80,18 @@ def default_federation_config() -> ml_collections.ConfigDict:
             eval_every=0,  # rounds; 0 = only at the end
             checkpoint_every=1,  # rounds
             # Multi-process deployment (python -m fedjax_lm aggregate / silo) over a store.
-            deploy=ml_collections.ConfigDict(dict(
-                store="",  # local path, gs://bucket/run or s3://bucket/run
-                deadline_s=600.0,  # a round closes at its deadline once `quorum` silos committed
-                adaptive_deadline=True,  # deadline = max(min_deadline_s, factor x slowest recent silo)
-                deadline_factor=2.0,
-                min_deadline_s=30.0,
-                quorum=1,
-                max_update_norm=0.0,  # reject a pseudo-gradient whose global norm exceeds this (0: off)
-                poll_s=0.5,
-            )),
+            deploy=ml_collections.ConfigDict(
+                dict(
+                    store="",  # local path, gs://bucket/run or s3://bucket/run
+                    deadline_s=600.0,  # a round closes at its deadline once `quorum` silos committed
+                    adaptive_deadline=True,  # deadline = max(min_deadline_s, factor x slowest recent silo)
+                    deadline_factor=2.0,
+                    min_deadline_s=30.0,
+                    quorum=1,
+                    max_update_norm=0.0,  # reject a pseudo-gradient whose global norm exceeds this (0: off)
+                    poll_s=0.5,
+                )
+            ),
         )
     )
 
@@ -95,9 +107,13 @@ def check_federation_config(fed: Mapping[str, Any], num_silos: int) -> None:
     if k < 0 or k > num_silos:
         raise ValueError(f"federation.silos_per_round={k} but the corpus has {num_silos} silos")
     if fed["inner_state"] not in INNER_STATE_MODES:
-        raise ValueError(f"federation.inner_state must be one of {INNER_STATE_MODES}, got {fed['inner_state']!r}")
+        raise ValueError(
+            f"federation.inner_state must be one of {INNER_STATE_MODES}, got {fed['inner_state']!r}"
+        )
     if fed["compression"] not in compression.METHODS:
-        raise ValueError(f"federation.compression must be one of {compression.METHODS}, got {fed['compression']!r}")
+        raise ValueError(
+            f"federation.compression must be one of {compression.METHODS}, got {fed['compression']!r}"
+        )
     if fed["aggregate_inner_moments"] and fed["inner_state"] != "keep":
         raise ValueError("federation.aggregate_inner_moments needs inner_state='keep'")
 
@@ -148,16 +164,24 @@ def client_round(
 def make_client_fn(silo: Silo, fed: Mapping[str, Any]):
     """`client_round` bound to a silo runtime and the federation config (jit or vmap it)."""
     return functools.partial(
-        client_round, step_fn=silo.step_fn, tx=silo.tx, method=fed["compression"],
-        block_size=int(fed["block_size"]), reset_opt=fed["inner_state"] == "reset",
+        client_round,
+        step_fn=silo.step_fn,
+        tx=silo.tx,
+        method=fed["compression"],
+        block_size=int(fed["block_size"]),
+        reset_opt=fed["inner_state"] == "reset",
     )
 
 
 def silo_iterator(corpus: "data_lib.Corpus", name: str, config: ml_collections.ConfigDict):
     """A silo's training batches; the seed depends on the silo's index, the same in every process."""
-    return data_lib.train_iterator(corpus, [name], seq_len=int(config.train.seq_len),
-                                   batch_size=int(config.train.batch_size),
-                                   seed=int(config.train.seed) * 1000 + corpus.silos.index(name))
+    return data_lib.train_iterator(
+        corpus,
+        [name],
+        seq_len=int(config.train.seq_len),
+        batch_size=int(config.train.batch_size),
+        seed=int(config.train.seed) * 1000 + corpus.silos.index(name),
+    )
 
 
 def next_batches(iterator, h: int) -> dict[str, np.ndarray]:
@@ -209,7 +233,9 @@ class FederatedAlgorithm:
             raise ValueError(f"the round has no update to aggregate ({n} silos, total weight {total})")
         return self.step(server, mean, tokens=float(total), silos=n)
 
-    def step(self, server: outer.OuterState, mean_delta: Any, **diag) -> tuple[outer.OuterState, dict[str, Any]]:
+    def step(
+        self, server: outer.OuterState, mean_delta: Any, **diag
+    ) -> tuple[outer.OuterState, dict[str, Any]]:
         """The outer optimizer step on an aggregated mean pseudo-gradient."""
         stats = {k: float(v) for k, v in self._stats(mean_delta).items()}
         server = self._step(server, mean_delta)
@@ -222,7 +248,9 @@ class FederatedAlgorithm:
 class Simulation:
     """N silos and one aggregator in one process: the same pure functions as deployment."""
 
-    def __init__(self, config: ml_collections.ConfigDict, corpus: "data_lib.Corpus", mesh: Mesh | None = None):
+    def __init__(
+        self, config: ml_collections.ConfigDict, corpus: "data_lib.Corpus", mesh: Mesh | None = None
+    ):
         fed = config.federation
         self.names = train_lib.active_silos(config, corpus)
         check_federation_config(fed, len(self.names))
@@ -258,8 +286,13 @@ class Simulation:
         return jax.jit(compression.init_error, out_shardings=self.silo.param_shardings)(params)
 
     # -- one round -------------------------------------------------------------------------
-    def run_clients(self, server: outer.OuterState, privates: Mapping[str, SiloPrivate], sampled: Sequence[str],
-                    round_idx: int) -> dict[str, ClientOutput]:
+    def run_clients(
+        self,
+        server: outer.OuterState,
+        privates: Mapping[str, SiloPrivate],
+        sampled: Sequence[str],
+        round_idx: int,
+    ) -> dict[str, ClientOutput]:
         step0 = jnp.asarray(round_idx * self.H, jnp.int32)
         batches = {name: next_batches(privates[name].iterator, self.H) for name in sampled}
         if self.fed.parallel:
@@ -267,8 +300,9 @@ class Simulation:
         outs = {}
         for name in sampled:
             p = privates[name]
-            outs[name] = self._run_one(server.params, p.opt_state, p.error, step0,
-                                       self.silo.put_batch(batches[name], ndim=3))
+            outs[name] = self._run_one(
+                server.params, p.opt_state, p.error, step0, self.silo.put_batch(batches[name], ndim=3)
+            )
         return outs
 
     def _run_one(self, params, opt_state, error, step0, batches) -> ClientOutput:
@@ -282,19 +316,25 @@ class Simulation:
         k = len(sampled)
         devices = jax.devices()
         n_dev = math.gcd(k, len(devices))
-        silo_mesh = jax.make_mesh((n_dev,), ("silo",), axis_types=(jax.sharding.AxisType.Auto,),
-                                  devices=devices[:n_dev])
+        silo_mesh = jax.make_mesh(
+            (n_dev,), ("silo",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices[:n_dev]
+        )
         lead = NamedSharding(silo_mesh, P("silo"))
         rep = NamedSharding(silo_mesh, P())
 
         def stack(trees):
             if trees[0] is None:
                 return None
-            return jax.tree.map(lambda *xs: jax.device_put(np.stack([np.asarray(x) for x in xs]), lead), *trees)
+            return jax.tree.map(
+                lambda *xs: jax.device_put(np.stack([np.asarray(x) for x in xs]), lead), *trees
+            )
 
         opt = stack([privates[n].opt_state for n in sampled])
         err = stack([privates[n].error for n in sampled])
-        bat = {key: jax.device_put(np.stack([batches[n][key] for n in sampled]), lead) for key in batches[sampled[0]]}
+        bat = {
+            key: jax.device_put(np.stack([batches[n][key] for n in sampled]), lead)
+            for key in batches[sampled[0]]
+        }
         params = jax.device_put(jax.device_get(server.params), rep)
         if self._jit_par is None:
             in_axes = (None, 0 if opt is not None else None, 0 if err is not None else None, None, 0)
@@ -308,13 +348,17 @@ class Simulation:
             result[name] = ClientOutput(
                 payload=one.payload,
                 error=None if one.error is None else jax.device_put(one.error, self.silo.param_shardings),
-                opt_state=None if one.opt_state is None else jax.device_put(one.opt_state, self.silo.opt_shardings),
+                opt_state=None
+                if one.opt_state is None
+                else jax.device_put(one.opt_state, self.silo.opt_shardings),
                 metrics=one.metrics,
             )
         return result
 
     def round(self, server, privates, round_idx: int, timer: monitor.PhaseTimer):
-        sampled = sample_silos(self.names, int(self.fed.silos_per_round), int(self.fed.sample_seed), round_idx)
+        sampled = sample_silos(
+            self.names, int(self.fed.silos_per_round), int(self.fed.sample_seed), round_idx
+        )
         with timer.phase("local_train"):
             outs = self.run_clients(server, privates, sampled, round_idx)
             jax.block_until_ready(outs)
@@ -357,7 +401,9 @@ def _private_arrays(privates: Mapping[str, SiloPrivate]) -> dict[str, Any]:
     return {n: {"opt_state": p.opt_state, "error": p.error} for n, p in privates.items()}
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after_round: int | None = None) -> dict[str, Any]:
+def train(
+    config: ml_collections.ConfigDict, workdir: str, *, stop_after_round: int | None = None
+) -> dict[str, Any]:
     """One-process federated pre-training; resumes from the last round checkpoint in workdir."""
     t_start = time.time()
     corpus = train_lib.ensure_corpus(config.data)
@@ -365,7 +411,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after_round: 
     sim = Simulation(config, corpus)
     train_lib.write_run_json(workdir, config, "federated")
     server, privates = sim.init(int(config.train.seed))
-    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(config.train.keep_checkpoints))
+    ckpt = ckpt_lib.Checkpointer(
+        os.path.join(workdir, "checkpoints"), keep=int(config.train.keep_checkpoints)
+    )
     ledger = monitor.CommLedger()
     start = ckpt.latest_step()
     if start is not None:
@@ -384,26 +432,41 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after_round: 
     else:
         start = 0
     writer = monitor.MetricWriter(workdir, enabled=jax.process_index() == 0)
-    sets = eval_lib.eval_sets(corpus, sim.names, seq_len=sim.seq_len, batch_size=sim.batch_size,
-                              max_batches=int(config.train.eval_batches))
+    sets = eval_lib.eval_sets(
+        corpus,
+        sim.names,
+        seq_len=sim.seq_len,
+        batch_size=sim.batch_size,
+        max_batches=int(config.train.eval_batches),
+    )
     timer = monitor.PhaseTimer()
     end = sim.rounds if stop_after_round is None else min(sim.rounds, stop_after_round)
     eval_every = int(config.federation.eval_every)
     for r in range(start, end):
         t0 = time.perf_counter()
         server, info = sim.round(server, privates, r, timer)
-        mean_loss = float(np.average(list(info["train_loss"].values()), weights=list(info["tokens"].values())))
+        mean_loss = float(
+            np.average(list(info["train_loss"].values()), weights=list(info["tokens"].values()))
+        )
         if not math.isfinite(mean_loss):
             raise train_lib.NonFiniteLossError(
                 f"round {r}: silo train loss became {mean_loss} ({info['train_loss']}); the last round "
-                f"checkpoint is intact; lower optim.lr or the outer lr")
-        comm = ledger.record_round(r, down=info["bytes_down"], up=info["bytes_up"],
-                                   dp_equivalent=info["dp_equivalent_bytes"])
-        row = {"round": r, "train_loss": mean_loss, "tokens": sum(info["tokens"].values()),
-               "silos": len(info["sampled"]), "bytes_up": comm["bytes_up"], "bytes_down": comm["bytes_down"],
-               "dp_equivalent_bytes": comm["dp_equivalent_bytes"],
-               **{k: v for k, v in info["aggregate"].items() if k.startswith("delta_")},
-               **{f"time_{k}": v for k, v in timer.pop().items()}}
+                f"checkpoint is intact; lower optim.lr or the outer lr"
+            )
+        comm = ledger.record_round(
+            r, down=info["bytes_down"], up=info["bytes_up"], dp_equivalent=info["dp_equivalent_bytes"]
+        )
+        row = {
+            "round": r,
+            "train_loss": mean_loss,
+            "tokens": sum(info["tokens"].values()),
+            "silos": len(info["sampled"]),
+            "bytes_up": comm["bytes_up"],
+            "bytes_down": comm["bytes_down"],
+            "dp_equivalent_bytes": comm["dp_equivalent_bytes"],
+            **{k: v for k, v in info["aggregate"].items() if k.startswith("delta_")},
+            **{f"time_{k}": v for k, v in timer.pop().items()},
+        }
         if eval_every and (r + 1) % eval_every == 0 and r + 1 != sim.rounds:
             with timer.phase("eval"):
                 ev = eval_lib.evaluate(sim.silo, server.params, sets)
@@ -411,21 +474,33 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after_round: 
             row["time_eval"] = timer.pop().get("eval", 0.0)
         row["time_round"] = time.perf_counter() - t0
         writer.write("rounds", r + 1, row)
-        print(f"round {r + 1}/{sim.rounds}: silos {len(info['sampled'])} train loss {mean_loss:.3f}"
-              + (f" val ppl {row['val_ppl']:.2f}" if "val_ppl" in row else "")
-              + f" ({row['time_round']:.1f}s)", flush=True)
+        print(
+            f"round {r + 1}/{sim.rounds}: silos {len(info['sampled'])} train loss {mean_loss:.3f}"
+            + (f" val ppl {row['val_ppl']:.2f}" if "val_ppl" in row else "")
+            + f" ({row['time_round']:.1f}s)",
+            flush=True,
+        )
         ckpt_every = int(config.federation.checkpoint_every)
         if (ckpt_every and (r + 1) % ckpt_every == 0) or r + 1 == end:
-            ckpt.save(r + 1, {"server": server, "silos": _private_arrays(privates)},
-                      {"iterators": _iterator_states(privates), "ledger": ledger.rounds, "round": r + 1})
+            ckpt.save(
+                r + 1,
+                {"server": server, "silos": _private_arrays(privates)},
+                {"iterators": _iterator_states(privates), "ledger": ledger.rounds, "round": r + 1},
+            )
     ckpt.wait()
     if end < sim.rounds:
         ckpt.close()
         writer.close()
         return {"stopped_at_round": end, "server": server}
     result = eval_lib.evaluate(sim.silo, server.params, sets)
-    writer.write("eval", sim.rounds, {"pooled_ppl": result["pooled"]["ppl"],
-                                      **{f"ppl/{k}": v["ppl"] for k, v in result["per_silo"].items()}})
+    writer.write(
+        "eval",
+        sim.rounds,
+        {
+            "pooled_ppl": result["pooled"]["ppl"],
+            **{f"ppl/{k}": v["ppl"] for k, v in result["per_silo"].items()},
+        },
+    )
     comm = ledger.totals()
     summary = {
         "config": config.name,
@@ -446,8 +521,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after_round: 
     writer.close()
     ckpt.close()
     print(eval_lib.format_table(result))
-    print(f"bytes moved: {monitor.human_bytes(comm['bytes_moved'])} "
-          f"(data-parallel equivalent: {monitor.human_bytes(comm['dp_equivalent_bytes'])})")
+    print(
+        f"bytes moved: {monitor.human_bytes(comm['bytes_moved'])} "
+        f"(data-parallel equivalent: {monitor.human_bytes(comm['dp_equivalent_bytes'])})"
+    )
     print(f"traffic vs data-parallel: {comm['traffic_ratio_vs_dp']:.1f}x less")
     summary["server"] = server
     return summary

@@ -10,8 +10,17 @@ import ml_collections
 import optax
 
 _FIELDS = {
-    "lr", "warmup_steps", "decay_steps", "end_lr_ratio", "b1", "b2", "eps",
-    "weight_decay", "clip_norm", "grad_accum", "schedule",
+    "lr",
+    "warmup_steps",
+    "decay_steps",
+    "end_lr_ratio",
+    "b1",
+    "b2",
+    "eps",
+    "weight_decay",
+    "clip_norm",
+    "grad_accum",
+    "schedule",
 }
 
 
@@ -71,7 +80,9 @@ def _decay_mask(params: Any) -> Any:
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def make_optimizer(cfg: Mapping[str, Any], total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(
+    cfg: Mapping[str, Any], total_steps: int
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW (+ clipping) with the schedule; returns (tx, schedule) so the lr can be logged."""
     schedule = make_schedule(cfg, total_steps)
     parts = []
@@ -79,8 +90,12 @@ def make_optimizer(cfg: Mapping[str, Any], total_steps: int) -> tuple[optax.Grad
         parts.append(optax.clip_by_global_norm(cfg["clip_norm"]))
     parts.append(
         optax.adamw(
-            schedule, b1=cfg["b1"], b2=cfg["b2"], eps=cfg["eps"],
-            weight_decay=cfg["weight_decay"], mask=_decay_mask,
+            schedule,
+            b1=cfg["b1"],
+            b2=cfg["b2"],
+            eps=cfg["eps"],
+            weight_decay=cfg["weight_decay"],
+            mask=_decay_mask,
         )
     )
     return optax.chain(*parts), schedule

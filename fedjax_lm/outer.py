@@ -57,8 +57,16 @@ PyTree = Any
 OUTER_OPTIMIZERS = ("fedavg", "fedmom", "diloco", "nesterov", "fedadam", "fedyogi")
 
 _FIELDS = {
-    "name", "lr", "momentum", "b1", "b2", "eps",
-    "schedule", "warmup_rounds", "total_rounds", "end_lr_ratio",
+    "name",
+    "lr",
+    "momentum",
+    "b1",
+    "b2",
+    "eps",
+    "schedule",
+    "warmup_rounds",
+    "total_rounds",
+    "end_lr_ratio",
 }
 _SCHEDULES = ("constant", "cosine")
 
@@ -183,7 +191,12 @@ def default_outer_config(name: str = "diloco") -> ml_collections.ConfigDict:
     """
     _check_name(name)
     cfg = dict(
-        name=name, lr=1.0, momentum=0.0, b1=0.9, b2=0.99, eps=1e-3,
+        name=name,
+        lr=1.0,
+        momentum=0.0,
+        b1=0.9,
+        b2=0.99,
+        eps=1e-3,
         schedule="constant",  # "constant" | "cosine"
         warmup_rounds=0,  # linear warm-up from lr/warmup_rounds to lr (no lr-0 round)
         total_rounds=0,  # cosine: rounds until lr reaches lr * end_lr_ratio

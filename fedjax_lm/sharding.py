@@ -112,7 +112,7 @@ def normalize_rules(rules: Rules | None) -> tuple[tuple[str, Any], ...]:
         name, axes = item
         if isinstance(axes, list):
             axes = tuple(axes)
-        for a in (axes if isinstance(axes, tuple) else (axes,)):
+        for a in axes if isinstance(axes, tuple) else (axes,):
             if a is not None and a not in MESH_AXES:
                 raise ValueError(f"sharding rule for {name!r} names unknown mesh axis {a!r}")
         out.append((name, axes))
@@ -175,7 +175,9 @@ def batch_sharding(mesh: Mesh, rules: Rules, ndim: int = 2) -> NamedSharding:
     """Batches are [B, L] (or [A, B, L] with accumulation): split B over the batch axes."""
     rule_map = dict(rules)
     axes = rule_map.get("batch")
-    axes = tuple(a for a in (axes if isinstance(axes, tuple) else (axes,)) if a is not None and mesh.shape[a] > 1)
+    axes = tuple(
+        a for a in (axes if isinstance(axes, tuple) else (axes,)) if a is not None and mesh.shape[a] > 1
+    )
     spec = [None] * ndim
     spec[ndim - 2] = axes if axes else None
     return NamedSharding(mesh, P(*spec))

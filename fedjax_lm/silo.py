@@ -61,9 +61,7 @@ def train_step(
     if grad_accum == 1:
         (loss, tokens), grads = grad_fn(state.params, batch, model)
     else:
-        micro = jax.tree.map(
-            lambda x: x.reshape((grad_accum, x.shape[0] // grad_accum) + x.shape[1:]), batch
-        )
+        micro = jax.tree.map(lambda x: x.reshape((grad_accum, x.shape[0] // grad_accum) + x.shape[1:]), batch)
 
         def accumulate(carry, mb):
             (l, t), g = grad_fn(state.params, mb, model)
@@ -86,9 +84,7 @@ def train_step(
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def local_train(
-    state: TrainState, batches: Batch, *, step_fn
-) -> tuple[TrainState, dict[str, jax.Array]]:
+def local_train(state: TrainState, batches: Batch, *, step_fn) -> tuple[TrainState, dict[str, jax.Array]]:
     """H local steps over stacked batches [H, B, L] with `lax.scan`; metrics are stacked [H]."""
     return jax.lax.scan(lambda s, b: step_fn(s, b), state, batches)
 
@@ -216,7 +212,9 @@ class Silo:
             return fn(params, batch)
 
     def put_batch(self, batch: Mapping[str, np.ndarray], ndim: int = 2) -> dict[str, jax.Array]:
-        sharding = self.batch_sharding if ndim == 2 else sharding_lib.batch_sharding(self.mesh, self.rules, ndim)
+        sharding = (
+            self.batch_sharding if ndim == 2 else sharding_lib.batch_sharding(self.mesh, self.rules, ndim)
+        )
         return sharding_lib.put_batch(batch, sharding)
 
     def evaluate(self, params: Any, batches: list[Mapping[str, np.ndarray]]) -> dict[str, float]:

@@ -15,7 +15,6 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
@@ -31,7 +30,7 @@ from fedjax_lm import model as model_lib
 from fedjax_lm import monitor
 from fedjax_lm import optim
 from fedjax_lm import sharding as sharding_lib
-from fedjax_lm.silo import Silo, TrainState
+from fedjax_lm.silo import Silo
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -42,7 +41,10 @@ def ensure_corpus(data_cfg: ml_collections.ConfigDict) -> "data_lib.Corpus":
     """Loads the prepared corpus, preparing it first if it is not there yet."""
     path = os.path.join(data_cfg.corpus_dir, "corpus.json")
     if not os.path.exists(path):
-        print(f"[fedjax_lm] no corpus at {data_cfg.corpus_dir}: preparing it (cached for later runs)", flush=True)
+        print(
+            f"[fedjax_lm] no corpus at {data_cfg.corpus_dir}: preparing it (cached for later runs)",
+            flush=True,
+        )
     data_lib.prepare(data_cfg)  # idempotent: returns at once when built with the same settings
     return data_lib.Corpus.load(data_cfg.corpus_dir)
 
@@ -62,8 +64,10 @@ def active_silos(config: ml_collections.ConfigDict, corpus: "data_lib.Corpus") -
         return list(corpus.silos)
     unknown = [s for s in chosen if s not in corpus.silos]
     if unknown:
-        raise ValueError(f"train.silos names {unknown}, not in the corpus at {config.data.corpus_dir}; "
-                         f"its silos are {corpus.silos}")
+        raise ValueError(
+            f"train.silos names {unknown}, not in the corpus at {config.data.corpus_dir}; "
+            f"its silos are {corpus.silos}"
+        )
     return chosen
 
 
@@ -82,8 +86,14 @@ def build_silo(config: ml_collections.ConfigDict, total_steps: int, mesh=None) -
             f"train.batch_size={config.train.batch_size} (per micro-batch {config.train.batch_size // accum}) "
             f"does not split over the mesh's data x fsdp = {batch_shards} devices; change mesh or batch size"
         )
-    return Silo(model_cfg, tx, mesh, rules=sharding_lib.normalize_rules(config.sharding.rules),
-                schedule=schedule, grad_accum=accum)
+    return Silo(
+        model_cfg,
+        tx,
+        mesh,
+        rules=sharding_lib.normalize_rules(config.sharding.rules),
+        schedule=schedule,
+        grad_accum=accum,
+    )
 
 
 def write_json_atomic(path: str, obj: Any) -> None:
@@ -97,8 +107,12 @@ def write_run_json(workdir: str, config: ml_collections.ConfigDict, kind: str) -
     os.makedirs(workdir, exist_ok=True)
     write_json_atomic(
         os.path.join(workdir, "run.json"),
-        {"kind": kind, "fedjax_lm_version": __version__, "jax_version": jax.__version__,
-         "config": json.loads(config.to_json_best_effort())},
+        {
+            "kind": kind,
+            "fedjax_lm_version": __version__,
+            "jax_version": jax.__version__,
+            "config": json.loads(config.to_json_best_effort()),
+        },
     )
 
 
@@ -133,7 +147,9 @@ class StepLog:
         return host
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None) -> dict[str, Any]:
+def train(
+    config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None
+) -> dict[str, Any]:
     """Centralized training on the pooled silos. `stop_after` ends the process early (tests of resume)."""
     t_start = time.time()
     corpus = ensure_corpus(config.data)
@@ -143,9 +159,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     write_run_json(workdir, config, "centralized")
     seq_len, batch_size = int(config.train.seq_len), int(config.train.batch_size)
     silos = active_silos(config, corpus)
-    it = data_lib.train_iterator(corpus, silos, seq_len=seq_len, batch_size=batch_size,
-                                 seed=int(config.train.seed))
-    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(config.train.keep_checkpoints))
+    it = data_lib.train_iterator(
+        corpus, silos, seq_len=seq_len, batch_size=batch_size, seed=int(config.train.seed)
+    )
+    ckpt = ckpt_lib.Checkpointer(
+        os.path.join(workdir, "checkpoints"), keep=int(config.train.keep_checkpoints)
+    )
     start = ckpt.latest_step()
     if start is not None:
         state, meta = ckpt.restore(start, silo.abstract_state_with_shardings())
@@ -155,13 +174,21 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
         start = 0
         state = silo.init_state(jax.random.key(int(config.train.seed)))
     writer = monitor.MetricWriter(workdir, enabled=jax.process_index() == 0)
-    sets = eval_lib.eval_sets(corpus, silos, seq_len=seq_len, batch_size=batch_size,
-                              max_batches=int(config.train.eval_batches))
+    sets = eval_lib.eval_sets(
+        corpus, silos, seq_len=seq_len, batch_size=batch_size, max_batches=int(config.train.eval_batches)
+    )
     log = StepLog(writer, int(config.train.log_every))
     tokens_per_step = batch_size * seq_len
     end = steps if stop_after is None else min(steps, stop_after)
-    bar = tqdm.tqdm(total=steps, initial=start, desc="train", unit="step", file=sys.stderr,
-                    disable=jax.process_index() != 0, dynamic_ncols=True)
+    bar = tqdm.tqdm(
+        total=steps,
+        initial=start,
+        desc="train",
+        unit="step",
+        file=sys.stderr,
+        disable=jax.process_index() != 0,
+        dynamic_ncols=True,
+    )
     t0, t_prev = time.perf_counter(), time.perf_counter()
     eval_every = int(config.train.eval_every)
     ckpt_every = int(config.train.checkpoint_every)
@@ -173,13 +200,21 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
             bar.update(1)
             if host is not None:
                 now = time.perf_counter()
-                bar.set_postfix(loss=f"{host['loss']:.3f}", tok_s=f"{tokens_per_step / max(now - t_prev, 1e-9):,.0f}")
+                bar.set_postfix(
+                    loss=f"{host['loss']:.3f}", tok_s=f"{tokens_per_step / max(now - t_prev, 1e-9):,.0f}"
+                )
                 t_prev = now
             if eval_every and step % eval_every == 0 and step != steps:
                 log.flush()
                 ev = eval_lib.evaluate(silo, state.params, sets)
-                writer.write("eval", step, {"pooled_ppl": ev["pooled"]["ppl"],
-                                            **{f"ppl/{k}": v["ppl"] for k, v in ev["per_silo"].items()}})
+                writer.write(
+                    "eval",
+                    step,
+                    {
+                        "pooled_ppl": ev["pooled"]["ppl"],
+                        **{f"ppl/{k}": v["ppl"] for k, v in ev["per_silo"].items()},
+                    },
+                )
             if (ckpt_every and step % ckpt_every == 0) or step == end:
                 log.flush()  # never checkpoint a state whose loss was not checked
                 ckpt.save(step, state, {"data_iterator": it.get_state(), "step": step})
@@ -193,8 +228,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
         writer.close()
         return {"stopped_at": end}
     result = eval_lib.evaluate(silo, state.params, sets)
-    writer.write("eval", steps, {"pooled_ppl": result["pooled"]["ppl"],
-                                 **{f"ppl/{k}": v["ppl"] for k, v in result["per_silo"].items()}})
+    writer.write(
+        "eval",
+        steps,
+        {
+            "pooled_ppl": result["pooled"]["ppl"],
+            **{f"ppl/{k}": v["ppl"] for k, v in result["per_silo"].items()},
+        },
+    )
     summary = {
         "config": config.name,
         "kind": "centralized",

@@ -9,8 +9,10 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache for the whole session, shared with the subprocesses of the
 # multi-process tests: the same train step compiled by several silo processes compiles once.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
-    os.environ.get("TMPDIR", "/tmp"), f"fedjax_lm_test_jax_cache_{os.getuid()}"))
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR",
+    os.path.join(os.environ.get("TMPDIR", "/tmp"), f"fedjax_lm_test_jax_cache_{os.getuid()}"),
+)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
@@ -49,7 +51,9 @@ def _write_small_sources(root):
         body = src.read()
     with open(jl, "w", encoding="utf-8") as f:
         for k in range(300):
-            f.write(json.dumps({"text": f"record {k}: " + body[(k * 97) % 4000:(k * 97) % 4000 + 400]}) + "\n")
+            f.write(
+                json.dumps({"text": f"record {k}: " + body[(k * 97) % 4000 : (k * 97) % 4000 + 400]}) + "\n"
+            )
     paths.append(f"jsonl:{jl}")
     return paths
 

@@ -28,7 +28,9 @@ def test_parse_variant_types_and_errors():
 
 
 def test_centralized_config_loads_with_variant():
-    c = config_lib.load_config(os.path.join(ROOT, "experiments/centralized.py") + ":size=tiny,steps=7,vocab=512")
+    c = config_lib.load_config(
+        os.path.join(ROOT, "experiments/centralized.py") + ":size=tiny,steps=7,vocab=512"
+    )
     assert c.train.steps == 7
     assert c.model.vocab_size == c.data.vocab_size == 512
     with pytest.raises(KeyError, match="train.stepz"):

@@ -22,12 +22,16 @@ pytestmark = pytest.mark.multiprocess
 
 
 def make_config(small_corpus, tmp_path, *, rounds=3, deadline_s=60.0, **deploy_overrides):
-    c = config_lib.load_config(os.path.join(ROOT, "experiments/photon.py") + f":size=tiny,vocab=512,H=3,rounds={rounds}")
+    c = config_lib.load_config(
+        os.path.join(ROOT, "experiments/photon.py") + f":size=tiny,vocab=512,H=3,rounds={rounds}"
+    )
     c.data = small_corpus
     c.model.update(dict(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, vocab_size=512))
     c.train.update(dict(seq_len=32, batch_size=4, eval_batches=2))
     c.mesh.update(dict(data=1, fsdp=1, tensor=1))
-    c.federation.deploy.update(dict(deadline_s=deadline_s, adaptive_deadline=False, poll_s=0.1, **deploy_overrides))
+    c.federation.deploy.update(
+        dict(deadline_s=deadline_s, adaptive_deadline=False, poll_s=0.1, **deploy_overrides)
+    )
     path = tmp_path / "config.json"
     path.write_text(c.to_json_best_effort())
     return c, f"experiments/from_json.py:{path}"
@@ -39,14 +43,19 @@ class Procs:
     def __init__(self, tmp_path, spec):
         self.tmp, self.spec, self.procs = tmp_path, spec, {}
         self.store = str(tmp_path / "store")
-        self.env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
-                        PYTHONPATH=ROOT)
+        self.env = dict(
+            os.environ,
+            XLA_FLAGS="--xla_force_host_platform_device_count=1",
+            JAX_PLATFORMS="cpu",
+            PYTHONPATH=ROOT,
+        )
 
     def start(self, name, verb, *args, env=None):
         log = open(self.tmp / f"{name}.log", "a")
         cmd = [sys.executable, "-m", "fedjax_lm", verb, "--config", self.spec, "--store", self.store, *args]
-        self.procs[name] = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                            env={**self.env, **(env or {})})
+        self.procs[name] = subprocess.Popen(
+            cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**self.env, **(env or {})}
+        )
         return self.procs[name]
 
     def aggregator(self, name="aggregator", **kw):
@@ -128,7 +137,9 @@ def test_killed_silo_round_closes_at_deadline_and_silo_rejoins(small_corpus, tmp
     wait_until(lambda: store.latest_global() == 0, what="global/0")
     p.kill("lines")
     assert not store.is_committed(0, "lines")
-    wait_until(lambda: (store.latest_global() or 0) >= 1, timeout=120, what="round 0 to close at its deadline")
+    wait_until(
+        lambda: (store.latest_global() or 0) >= 1, timeout=120, what="round 0 to close at its deadline"
+    )
     meta1 = store.read_global_meta(1)
     assert meta1["accepted"] == ["code", "prose"]
     assert "deadline passed" in p.log("aggregator")
@@ -147,7 +158,9 @@ def test_killed_aggregator_resumes_the_same_round_to_the_same_params(small_corpu
     p.aggregator(env={"FEDJAX_PAUSE_BEFORE_PUBLISH_S": "30"})
     for s in ("code", "prose", "lines"):
         p.silo(s)
-    wait_until(lambda: "pausing before publishing global/1" in p.log("aggregator"), what="aggregation of round 0")
+    wait_until(
+        lambda: "pausing before publishing global/1" in p.log("aggregator"), what="aggregation of round 0"
+    )
     p.kill("aggregator")
     store = store_lib.Store(p.store)
     assert store.latest_global() == 0 and len(store.committed_silos(0)) == 3

@@ -15,7 +15,9 @@ from fedjax_lm import outer
 from fedjax_lm import sharding
 from fedjax_lm.silo import Silo
 
-CFG = model_lib.ModelConfig(vocab_size=128, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=32)
+CFG = model_lib.ModelConfig(
+    vocab_size=128, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=32
+)
 
 
 def _silo(mesh_shape=(1, 1, 1), warmup=0):
@@ -33,8 +35,18 @@ def _batches(h, b=4, l=16, seed=0):
 
 
 def _client(silo, method="none", reset=False):
-    return jax.jit(silo._with_rules(functools.partial(
-        federation.client_round, step_fn=silo.step_fn, tx=silo.tx, method=method, block_size=64, reset_opt=reset)))
+    return jax.jit(
+        silo._with_rules(
+            functools.partial(
+                federation.client_round,
+                step_fn=silo.step_fn,
+                tx=silo.tx,
+                method=method,
+                block_size=64,
+                reset_opt=reset,
+            )
+        )
+    )
 
 
 def test_one_silo_H1_fedavg_equals_one_centralized_step():
@@ -47,14 +59,20 @@ def test_one_silo_H1_fedavg_equals_one_centralized_step():
     # federated: one silo, H=1, FedAvg lr 1, uncompressed
     algo = federation.FederatedAlgorithm(outer.default_outer_config("fedavg"), "none")
     server = algo.init(jax.device_put(params0, silo.param_shardings))
-    out = _client(silo)(server.params, silo.fresh_opt_state(server.params), None, jnp.int32(0),
-                        silo.put_batch(batch, ndim=3))
+    out = _client(silo)(
+        server.params, silo.fresh_opt_state(server.params), None, jnp.int32(0), silo.put_batch(batch, ndim=3)
+    )
     server, diag = algo.apply(server, [(out.payload, 64.0)])
     assert diag["silos"] == 1 and diag["tokens"] == 64.0
-    for a, b in zip(jax.tree.leaves(jax.device_get(server.params)), jax.tree.leaves(jax.device_get(central.params))):
+    for a, b in zip(
+        jax.tree.leaves(jax.device_get(server.params)), jax.tree.leaves(jax.device_get(central.params))
+    ):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-7)
     # and the params really moved
-    moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(params0), jax.tree.leaves(jax.device_get(central.params))))
+    moved = max(
+        float(np.abs(a - b).max())
+        for a, b in zip(jax.tree.leaves(params0), jax.tree.leaves(jax.device_get(central.params)))
+    )
     assert moved > 1e-4
 
 
@@ -110,8 +128,14 @@ def test_vmapped_clients_equal_sequential_clients(reset):
     """The silo-parallel path (vmap over a silo axis on 4 devices) matches one silo at a time."""
     silo = _silo(warmup=2)
     state = silo.init_state(jax.random.key(3))
-    client = functools.partial(federation.client_round, step_fn=silo.step_fn, tx=silo.tx, method="int8",
-                               block_size=64, reset_opt=reset)
+    client = functools.partial(
+        federation.client_round,
+        step_fn=silo.step_fn,
+        tx=silo.tx,
+        method="int8",
+        block_size=64,
+        reset_opt=reset,
+    )
     k, h = 4, 3
     batches = [_batches(h, seed=10 + i) for i in range(k)]
     opts = [silo.fresh_opt_state(state.params) for _ in range(k)]
@@ -121,9 +145,12 @@ def test_vmapped_clients_equal_sequential_clients(reset):
     lead = jax.sharding.NamedSharding(mesh, jax.P("silo"))
     stack = lambda trees: jax.tree.map(lambda *xs: jax.device_put(jnp.stack(xs), lead), *trees)
     par = jax.jit(jax.vmap(client, in_axes=(None, 0, 0, None, 0)))(
-        jax.device_get(state.params), stack(opts), stack(errs), jnp.int32(5), stack(batches))
+        jax.device_get(state.params), stack(opts), stack(errs), jnp.int32(5), stack(batches)
+    )
     for i in range(k):
-        for a, b in zip(jax.tree.leaves(seq[i].payload), jax.tree.leaves(jax.tree.map(lambda x: x[i], par.payload))):
+        for a, b in zip(
+            jax.tree.leaves(seq[i].payload), jax.tree.leaves(jax.tree.map(lambda x: x[i], par.payload))
+        ):
             a, b = np.asarray(a), np.asarray(b)
             if a.dtype == np.int8:  # quantised values may differ by one step at rounding ties
                 assert np.abs(a.astype(int) - b.astype(int)).max() <= 1

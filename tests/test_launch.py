@@ -11,12 +11,32 @@ def run(*args):
     return subprocess.run(["bash", SCRIPT, *args], capture_output=True, text=True, cwd=ROOT)
 
 
-BASE = ["--project", "proj", "--zone", "us-central2-b", "--store", "gs://bucket/run",
-        "--config", "experiments/photon.py:size=1.3b", "--aggregator", "agg-vm", "--repo", "https://git.example/fedjax_lm.git"]
+BASE = [
+    "--project",
+    "proj",
+    "--zone",
+    "us-central2-b",
+    "--store",
+    "gs://bucket/run",
+    "--config",
+    "experiments/photon.py:size=1.3b",
+    "--aggregator",
+    "agg-vm",
+    "--repo",
+    "https://git.example/fedjax_lm.git",
+]
 
 
 def test_dry_run_starts_every_worker_of_every_slice():
-    r = run(*BASE, "--silo", "quotes-en=tpu-a:v4-32", "--silo", "bible-en=tpu-b:v5litepod-16", "--create", "--dry-run")
+    r = run(
+        *BASE,
+        "--silo",
+        "quotes-en=tpu-a:v4-32",
+        "--silo",
+        "bible-en=tpu-b:v5litepod-16",
+        "--create",
+        "--dry-run",
+    )
     assert r.returncode == 0, r.stderr
     lines = [l for l in r.stdout.splitlines() if l.startswith("+ gcloud")]
     creates = [l for l in lines if "tpu-vm create" in l]
@@ -34,7 +54,9 @@ def test_dry_run_starts_every_worker_of_every_slice():
 def test_bad_input_is_named():
     r = run(*BASE, "--silo", "quotes-en", "--dry-run")
     assert r.returncode == 2 and "NAME=TPU_VM:ACCELERATOR" in r.stderr
-    r = run(*[a if a != "gs://bucket/run" else "/local/path" for a in BASE], "--silo", "a=b:v4-8", "--dry-run")
+    r = run(
+        *[a if a != "gs://bucket/run" else "/local/path" for a in BASE], "--silo", "a=b:v4-8", "--dry-run"
+    )
     assert r.returncode == 2 and "gs://" in r.stderr
     r = run("--zone", "z", "--dry-run")
     assert r.returncode == 2 and "--project is required" in r.stderr

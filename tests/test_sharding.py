@@ -1,7 +1,6 @@
 """Sharded train step: every mesh gives the single-device result, and params are really sharded."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -10,8 +9,9 @@ from fedjax_lm import optim
 from fedjax_lm import sharding
 from fedjax_lm.silo import Silo
 
-CFG = model_lib.ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=8, n_kv_heads=8, d_ff=128,
-                            max_seq_len=32)
+CFG = model_lib.ModelConfig(
+    vocab_size=256, d_model=64, n_layers=2, n_heads=8, n_kv_heads=8, d_ff=128, max_seq_len=32
+)
 
 
 def _silo(shape, accum=1):
@@ -23,7 +23,9 @@ def _silo(shape, accum=1):
     # A larger eps keeps the update Lipschitz in g, so the comparison tests sharding, not Adam.
     opt_cfg.eps = 1e-4
     tx, sched = optim.make_optimizer(opt_cfg, 10)
-    mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, shape)), devices=jax.devices()[: int(np.prod(shape))])
+    mesh = sharding.make_mesh(
+        dict(zip(sharding.MESH_AXES, shape)), devices=jax.devices()[: int(np.prod(shape))]
+    )
     return Silo(CFG, tx, mesh, schedule=sched, grad_accum=accum)
 
 
@@ -84,15 +86,21 @@ def test_params_are_sharded_as_rules_say(shape):
     assert checked > 0, "no parameter dimension was sharded on this mesh"
     # optimizer moments follow their params
     mu = jax.tree.leaves(state.opt_state)
-    sharded_moments = [x for x in mu if hasattr(x, "sharding") and x.ndim >= 2 and any(s for s in x.sharding.spec)]
+    sharded_moments = [
+        x for x in mu if hasattr(x, "sharding") and x.ndim >= 2 and any(s for s in x.sharding.spec)
+    ]
     assert sharded_moments, "optimizer state was left replicated"
 
 
 def test_indivisible_dims_fall_back_to_replication():
     mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=8))
-    spec = sharding.logical_to_mesh_spec(("embed", "heads", "head_dim"), (64, 4, 16), mesh, sharding.DEFAULT_RULES)
+    spec = sharding.logical_to_mesh_spec(
+        ("embed", "heads", "head_dim"), (64, 4, 16), mesh, sharding.DEFAULT_RULES
+    )
     assert spec == jax.P(None, None, None)  # 4 heads cannot split 8 ways
-    spec = sharding.logical_to_mesh_spec(("embed", "heads", "head_dim"), (64, 8, 16), mesh, sharding.DEFAULT_RULES)
+    spec = sharding.logical_to_mesh_spec(
+        ("embed", "heads", "head_dim"), (64, 8, 16), mesh, sharding.DEFAULT_RULES
+    )
     assert spec == jax.P(None, "tensor", None)
 
 
@@ -115,7 +123,9 @@ def test_local_train_equals_repeated_steps():
     s_scan, m = silo.local_train(s_scan, silo.put_batch(stacked, ndim=3))
     assert m["loss"].shape == (3,)
     assert int(s_scan.step) == 3
-    for a, b in zip(jax.tree.leaves(jax.device_get(s_loop.params)), jax.tree.leaves(jax.device_get(s_scan.params))):
+    for a, b in zip(
+        jax.tree.leaves(jax.device_get(s_loop.params)), jax.tree.leaves(jax.device_get(s_scan.params))
+    ):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 

@@ -7,7 +7,6 @@ import jax
 import numpy as np
 import pytest
 
-from fedjax_lm import compression
 from fedjax_lm import config as config_lib
 from fedjax_lm import federation
 from fedjax_lm import model as model_lib
@@ -16,8 +15,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def fed_config(small_corpus, variant="", **fed):
-    c = config_lib.load_config(os.path.join(ROOT, "experiments/photon.py") + ":size=tiny,vocab=512,H=3,rounds=3" +
-                               ("," + variant if variant else ""))
+    c = config_lib.load_config(
+        os.path.join(ROOT, "experiments/photon.py")
+        + ":size=tiny,vocab=512,H=3,rounds=3"
+        + ("," + variant if variant else "")
+    )
     c.data = small_corpus
     c.model.update(dict(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, vocab_size=512))
     c.train.update(dict(seq_len=32, batch_size=4, eval_batches=2))
@@ -36,7 +38,9 @@ def test_same_seed_same_global_params_bit_for_bit(small_corpus, tmp_path):
     for x, y in zip(leaves(a["server"].params), leaves(b["server"].params)):
         np.testing.assert_array_equal(x, y)
     c = federation.train(fed_config(small_corpus, silos_per_round=2, sample_seed=5), str(tmp_path / "c"))
-    assert any(not np.array_equal(x, y) for x, y in zip(leaves(a["server"].params), leaves(c["server"].params)))
+    assert any(
+        not np.array_equal(x, y) for x, y in zip(leaves(a["server"].params), leaves(c["server"].params))
+    )
     rounds = [json.loads(line) for line in open(tmp_path / "a" / "metrics" / "rounds.jsonl")]
     assert [r["silos"] for r in rounds] == [2, 2, 2]
 
@@ -61,7 +65,9 @@ def test_summary_reports_traffic_against_data_parallel(small_corpus, tmp_path):
 
 def test_resume_after_interruption_matches_uninterrupted_run(small_corpus, tmp_path):
     full = federation.train(fed_config(small_corpus, silos_per_round=2), str(tmp_path / "full"))
-    stopped = federation.train(fed_config(small_corpus, silos_per_round=2), str(tmp_path / "part"), stop_after_round=2)
+    stopped = federation.train(
+        fed_config(small_corpus, silos_per_round=2), str(tmp_path / "part"), stop_after_round=2
+    )
     assert stopped["stopped_at_round"] == 2
     resumed = federation.train(fed_config(small_corpus, silos_per_round=2), str(tmp_path / "part"))
     for x, y in zip(leaves(full["server"]), leaves(resumed["server"])):

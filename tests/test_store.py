@@ -89,7 +89,9 @@ def test_payload_round_trip_is_bit_exact_with_full_manifest(tmp_path, method):
     store = Store(tmp_path / "run")
     delta = make_params(1)
     payload = payload_for(delta, method)
-    written = store.write_update(3, "siloA", payload, {"tokens": 1234, "loss": 2.5, "flops": 1e12, "energy_j": 7.0})
+    written = store.write_update(
+        3, "siloA", payload, {"tokens": 1234, "loss": 2.5, "flops": 1e12, "energy_j": 7.0}
+    )
 
     got = store.read_update(3, "siloA", template(delta, method))
     for a, b in zip(leaves_bytes(payload), leaves_bytes(got)):
@@ -99,7 +101,13 @@ def test_payload_round_trip_is_bit_exact_with_full_manifest(tmp_path, method):
     m = store.read_manifest(3, "siloA")
     assert m == written
     assert (m["round"], m["silo"], m["method"], m["tokens"], m["loss"], m["flops"], m["energy_j"]) == (
-        3, "siloA", method, 1234, 2.5, 1e12, 7.0,
+        3,
+        "siloA",
+        method,
+        1234,
+        2.5,
+        1e12,
+        7.0,
     )
     assert m["bytes"] == compression.payload_nbytes(payload)
     flat = jax.tree_util.tree_flatten_with_path(payload)[0]
@@ -201,7 +209,12 @@ def test_reject_truncated_chunk(committed):
     with open(victim, "r+b") as f:
         f.truncate(size // 2)
     expect_rejection(
-        lambda: validate(store, "s1", 1, delta), "s1", 1, "'embed/q'", "cannot be read or decoded", "Truncated"
+        lambda: validate(store, "s1", 1, delta),
+        "s1",
+        1,
+        "'embed/q'",
+        "cannot be read or decoded",
+        "Truncated",
     )
 
 
@@ -221,7 +234,11 @@ def test_reject_corrupted_chunk_by_checksum(tmp_path):
     data[len(data) // 2] ^= 0x01
     open(victim, "wb").write(bytes(data))
     expect_rejection(
-        lambda: validate(store, "s1", 1, delta), "s1", 1, "'blocks/1/w/q'", "sha256 of the stored data does not match"
+        lambda: validate(store, "s1", 1, delta),
+        "s1",
+        1,
+        "'blocks/1/w/q'",
+        "sha256 of the stored data does not match",
     )
 
 
@@ -232,7 +249,9 @@ def _rewrite_manifest(store, round, silo, edit, fix_marker=True):
     data = json.dumps(m).encode()
     open(os.path.join(folder, "manifest.json"), "wb").write(data)
     if fix_marker:  # a silo that committed wrong checksums (the marker matches its manifest)
-        open(folder + ".COMMITTED", "w").write(json.dumps({"manifest_sha256": hashlib.sha256(data).hexdigest()}))
+        open(folder + ".COMMITTED", "w").write(
+            json.dumps({"manifest_sha256": hashlib.sha256(data).hexdigest()})
+        )
 
 
 def test_reject_manifest_sha256_mismatch(committed):
@@ -285,13 +304,17 @@ def test_reject_wrong_method(committed):
 
 def test_reject_unknown_silo(committed):
     store, delta = committed
-    expect_rejection(lambda: validate(store, "s1", 1, delta, expected_silos=["s2", "s3"]), "s1", 1, "unknown silo")
+    expect_rejection(
+        lambda: validate(store, "s1", 1, delta, expected_silos=["s2", "s3"]), "s1", 1, "unknown silo"
+    )
 
 
 def test_reject_closed_round(committed):
     store, delta = committed
     expect_rejection(lambda: validate(store, "s1", 1, delta, closed_rounds={0, 1}), "s1", 1, "closed")
-    expect_rejection(lambda: validate(store, "s1", 1, delta, current_round=2), "s1", 1, "closed", "current round 2")
+    expect_rejection(
+        lambda: validate(store, "s1", 1, delta, current_round=2), "s1", 1, "closed", "current round 2"
+    )
 
 
 def test_reject_norm_bound_and_accept_within(committed):
@@ -375,7 +398,10 @@ def test_stream_verify_detects_change_after_validation(tmp_path):
     stream_weighted_mean(store, 1, {"s1": 3.0}, like, manifests=manifests)  # trusts the validation
     expect_rejection(
         lambda: stream_weighted_mean(store, 1, {"s1": 3.0}, like, manifests=manifests, verify_sha256=True),
-        "s1", 1, "'blocks/0/w/x'", "changed since validation",
+        "s1",
+        1,
+        "'blocks/0/w/x'",
+        "changed since validation",
     )
 
 
@@ -410,13 +436,21 @@ def test_stream_weighted_mean_memory_does_not_scale_with_silos(tmp_path):
     # A fixed mmap threshold makes RSS track live memory: with glibc's default (dynamic)
     # threshold, freed buffers < 32 MB stay in per-thread arenas — slack bounded by the thread
     # count, not by the silo count, but it would blur a 2-vs-8 comparison.
-    env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "",
-           "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+    env = {
+        **os.environ,
+        "PYTHONPATH": REPO,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": "",
+        "MALLOC_MMAP_THRESHOLD_": str(1 << 20),
+    }
     out = {}
     for n in (2, 8):
         res = subprocess.run(
             [sys.executable, "-c", _RSS_SCRIPT, str(tmp_path), str(n), json.dumps(shapes)],
-            capture_output=True, text=True, env=env, timeout=300,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
         )
         assert res.returncode == 0, res.stderr[-3000:]
         out[n] = json.loads(res.stdout.strip().splitlines()[-1])
@@ -452,12 +486,16 @@ def test_sharded_write_writes_each_shard_once(tmp_path):
     assert arrays["proj/q"]["chunks"] == [4, 256]  # 8-row shards split to ~1 KiB, aligned
     for key, a in arrays.items():
         lines = "".join(f"{r['origin']}:{r['shape']}:{r['sha256']}\n" for r in a["regions"])
-        digest = hashlib.sha256(lines.encode()).hexdigest() if len(a["regions"]) > 1 else a["regions"][0]["sha256"]
+        digest = (
+            hashlib.sha256(lines.encode()).hexdigest() if len(a["regions"]) > 1 else a["regions"][0]["sha256"]
+        )
         assert a["sha256"] == digest
     # The zarr content equals the full arrays (read with TensorStore directly).
     for key, want in [("grid/x", full), ("rows/x", full), ("proj/q", q)]:
         path = os.path.join(update_folder(store, 1, "pod"), *key.split("/"))
-        got = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": path}}).result().read().result()
+        got = (
+            ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": path}}).result().read().result()
+        )
         np.testing.assert_array_equal(got, want)
     tmpl = jax.eval_shape(lambda: payload)
     store.validate_update(1, "pod", tmpl, expected_silos=["pod"], current_round=1)
@@ -467,7 +505,10 @@ def test_sharded_write_writes_each_shard_once(tmp_path):
     raw[32:64, 12:16].write(np.zeros((32, 4), np.float32)).result()
     expect_rejection(
         lambda: store.validate_update(1, "pod", tmpl, expected_silos=["pod"], current_round=1),
-        "pod", 1, "'grid/x' region [32, 12]+[32, 4]", "sha256",
+        "pod",
+        1,
+        "'grid/x' region [32, 12]+[32, 4]",
+        "sha256",
     )
 
 
@@ -518,7 +559,11 @@ def test_publish_and_read_global_onto_another_mesh(tmp_path):
 
     # Idempotent: a second publish of round 0 does not rewrite it.
     folder = os.path.join(store.root, "global", "0")
-    stamps = {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns for d, _, fs in os.walk(folder) for f in fs}
+    stamps = {
+        os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns
+        for d, _, fs in os.walk(folder)
+        for f in fs
+    }
     other = jax.tree.map(lambda x: x + 1, params)
     assert not store.publish_global(0, other, tx.init(other), {"silos": [], "deadline": 0})
     assert {p: os.stat(p).st_mtime_ns for p in stamps} == stamps
@@ -599,7 +644,12 @@ def test_lock_second_acquire_names_holder(tmp_path):
         with pytest.raises(LockHeld) as info:
             Store(tmp_path).acquire_aggregator_lock({"run": "r2"})
         msg = str(info.value)
-        assert f"pid {os.getpid()}" in msg and repr(lock.record["host"]) in msg and "since 20" in msg and "r1" in msg
+        assert (
+            f"pid {os.getpid()}" in msg
+            and repr(lock.record["host"]) in msg
+            and "since 20" in msg
+            and "r1" in msg
+        )
         assert info.value.holder["owner"] == {"run": "r1"}
     # Released on exit: the next aggregator gets it.
     store.acquire_aggregator_lock({"run": "r3"}).release()
@@ -621,7 +671,9 @@ def test_lock_of_killed_holder_is_taken_over(tmp_path, caplog):
         """
     )
     env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
-    child = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=env)
+    child = subprocess.Popen(
+        [sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=env
+    )
     try:
         assert child.stdout.readline().strip() == "locked"
         with pytest.raises(LockHeld, match=f"pid {child.pid} "):

@@ -25,10 +25,14 @@ GOLDEN_GRAD_NORM = None
 
 
 def tiny_config(small_corpus, **train_overrides):
-    c = config_lib.load_config(os.path.join(ROOT, "experiments/centralized.py") + ":size=tiny,steps=6,vocab=512")
+    c = config_lib.load_config(
+        os.path.join(ROOT, "experiments/centralized.py") + ":size=tiny,steps=6,vocab=512"
+    )
     c.data = small_corpus
     c.model.update(dict(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, vocab_size=512))
-    c.train.update(dict(seq_len=32, batch_size=4, log_every=1, eval_every=0, eval_batches=2, checkpoint_every=3))
+    c.train.update(
+        dict(seq_len=32, batch_size=4, log_every=1, eval_every=0, eval_batches=2, checkpoint_every=3)
+    )
     c.train.update(train_overrides)
     c.optim.warmup_steps = 2
     c.mesh.update(dict(data=2, fsdp=1, tensor=1))
@@ -38,7 +42,9 @@ def tiny_config(small_corpus, **train_overrides):
 def test_golden_one_step_of_tiny_preset():
     cfg = model_lib.ModelConfig.from_dict(presets.model_preset("tiny"))
     tx, sched = optim.make_optimizer(optim.default_optim_config(), 100)
-    silo = Silo(cfg, tx, sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1]), schedule=sched)
+    silo = Silo(
+        cfg, tx, sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1]), schedule=sched
+    )
     state = silo.init_state(jax.random.key(0))
     toks = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(4, 65), dtype=np.int32)
     _, m = silo.train_step(state, silo.put_batch({"inputs": toks[:, :-1], "targets": toks[:, 1:]}))
@@ -47,7 +53,9 @@ def test_golden_one_step_of_tiny_preset():
         print(f"GOLDEN_LOSS = {loss!r}\nGOLDEN_GRAD_NORM = {gn!r}")
     # Uniform prediction over 4096 tokens gives ln(4096) = 8.318; a fresh model must be close to it.
     assert abs(loss - np.log(cfg.vocab_size)) < 0.05
-    np.testing.assert_allclose(loss, GOLDEN_LOSS, rtol=1e-5, err_msg="golden loss moved: see the comment above")
+    np.testing.assert_allclose(
+        loss, GOLDEN_LOSS, rtol=1e-5, err_msg="golden loss moved: see the comment above"
+    )
     np.testing.assert_allclose(gn, GOLDEN_GRAD_NORM, rtol=1e-4, err_msg="golden grad norm moved: see above")
 
 

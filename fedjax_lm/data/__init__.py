@@ -1,11 +1,11 @@
 """fedjax_lm.data: text sources -> tokenizer -> per-silo token files -> batches.
 
-  info = prepare(data_cfg)                       # once; idempotent
-  corpus = Corpus.load(data_cfg.corpus_dir)
-  it = train_iterator(corpus, ["quotes-en"], seq_len=256, batch_size=8, seed=0)
-  batch = next(it)                               # {'inputs','targets'}: int32[8, 256]
-  state = it.get_state()                         # JSON-able; it.set_state(state) resumes
-  evals = eval_batches(corpus, "quotes-en", seq_len=256, batch_size=8, max_batches=4)
+info = prepare(data_cfg)                       # once; idempotent
+corpus = Corpus.load(data_cfg.corpus_dir)
+it = train_iterator(corpus, ["quotes-en"], seq_len=256, batch_size=8, seed=0)
+batch = next(it)                               # {'inputs','targets'}: int32[8, 256]
+state = it.get_state()                         # JSON-able; it.set_state(state) resumes
+evals = eval_batches(corpus, "quotes-en", seq_len=256, batch_size=8, max_batches=4)
 """
 
 from fedjax_lm.data.config import default_data_config

@@ -40,225 +40,252 @@ _print = functools.partial(print, flush=True)
 
 @dataclasses.dataclass(frozen=True)
 class CorpusInfo:
-  """What prepare built (or found): the parsed corpus.json."""
-  corpus_dir: pathlib.Path
-  info: dict
-  rebuilt: bool
+    """What prepare built (or found): the parsed corpus.json."""
 
-  @property
-  def silos(self) -> list[str]:
-    return list(self.info["silos"])
+    corpus_dir: pathlib.Path
+    info: dict
+    rebuilt: bool
 
-  @property
-  def vocab_size(self) -> int:
-    return int(self.info["vocab_size"])
+    @property
+    def silos(self) -> list[str]:
+        return list(self.info["silos"])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.info["vocab_size"])
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
-  return np.dtype(np.uint16 if vocab_size <= 65535 else np.uint32)
+    return np.dtype(np.uint16 if vocab_size <= 65535 else np.uint32)
 
 
 def _sha256_documents(docs: list[str]) -> str:
-  """sha256 of the documents in order, each as UTF-8 followed by one NUL byte."""
-  h = hashlib.sha256()
-  for doc in docs:
-    h.update(doc.encode("utf-8"))
-    h.update(b"\0")
-  return h.hexdigest()
+    """sha256 of the documents in order, each as UTF-8 followed by one NUL byte."""
+    h = hashlib.sha256()
+    for doc in docs:
+        h.update(doc.encode("utf-8"))
+        h.update(b"\0")
+    return h.hexdigest()
 
 
 def _check_settings(s: dict) -> None:
-  if s["partition"] not in partition_lib.PARTITIONS:
-    raise DataError(f"unknown partition {s['partition']!r}: valid are "
-                    f"{', '.join(partition_lib.PARTITIONS)}")
-  if not s["sources"]:
-    raise DataError("data_cfg.sources is empty: name at least one source")
-  if not 0.0 <= s["val_fraction"] < 1.0:
-    raise DataError(f"val_fraction must be in [0, 1), got {s['val_fraction']}")
-  if s["vocab_size"] < 300:
-    raise DataError(f"vocab_size {s['vocab_size']} is too small: byte fallback "
-                    "alone takes 256 ids (use >= 300)")
+    if s["partition"] not in partition_lib.PARTITIONS:
+        raise DataError(
+            f"unknown partition {s['partition']!r}: valid are {', '.join(partition_lib.PARTITIONS)}"
+        )
+    if not s["sources"]:
+        raise DataError("data_cfg.sources is empty: name at least one source")
+    if not 0.0 <= s["val_fraction"] < 1.0:
+        raise DataError(f"val_fraction must be in [0, 1), got {s['val_fraction']}")
+    if s["vocab_size"] < 300:
+        raise DataError(
+            f"vocab_size {s['vocab_size']} is too small: byte fallback alone takes 256 ids (use >= 300)"
+        )
 
 
 def _load_sources(s: dict, raw_dir: pathlib.Path, log) -> tuple[list, list[list[str]]]:
-  """(metadata per source, kept documents per source)."""
-  sources = [make_source(spec, log=log) for spec in s["sources"]]
-  names = [src.name for src in sources]
-  if dupes := sorted({n for n in names if names.count(n) > 1}):
-    raise DataError(f"two sources would make the same silo {dupes}: "
-                    "prefix one with NAME= (e.g. mine=folder:/data)")
-  metas, kept_docs = [], []
-  for src in sources:
-    t0 = time.time()
-    meta = {"name": src.name, **src.provenance(raw_dir)}
-    docs = list(src.documents(raw_dir))
-    if not docs:
-      raise DataError(f"source {src.name} produced no documents")
-    sizes = np.array([len(d.encode("utf-8")) for d in docs], dtype=np.int64)
-    keep = sampling.cap_by_bytes(sizes, s["max_bytes_per_source"],
-                                 sampling.rng_for(s["seed"], src.name, "cap"))
-    kept = [docs[i] for i in keep]
-    meta.update(bytes=int(sizes[keep].sum()), documents=len(kept),
-                sha256=_sha256_documents(kept), total_bytes=int(sizes.sum()),
-                total_documents=len(docs))
-    origin = (f"{meta['package']} {meta['version']}" if meta.get("package")
-              else meta.get("path", "user data"))
-    log(f"source {src.name}: {origin} ({meta['licence']}): {meta['documents']:,} of "
-        f"{len(docs):,} documents, {meta['bytes']:,} bytes [{time.time() - t0:.1f}s]")
-    metas.append(meta)
-    kept_docs.append(kept)
-  return metas, kept_docs
+    """(metadata per source, kept documents per source)."""
+    sources = [make_source(spec, log=log) for spec in s["sources"]]
+    names = [src.name for src in sources]
+    if dupes := sorted({n for n in names if names.count(n) > 1}):
+        raise DataError(
+            f"two sources would make the same silo {dupes}: prefix one with NAME= (e.g. mine=folder:/data)"
+        )
+    metas, kept_docs = [], []
+    for src in sources:
+        t0 = time.time()
+        meta = {"name": src.name, **src.provenance(raw_dir)}
+        docs = list(src.documents(raw_dir))
+        if not docs:
+            raise DataError(f"source {src.name} produced no documents")
+        sizes = np.array([len(d.encode("utf-8")) for d in docs], dtype=np.int64)
+        keep = sampling.cap_by_bytes(
+            sizes, s["max_bytes_per_source"], sampling.rng_for(s["seed"], src.name, "cap")
+        )
+        kept = [docs[i] for i in keep]
+        meta.update(
+            bytes=int(sizes[keep].sum()),
+            documents=len(kept),
+            sha256=_sha256_documents(kept),
+            total_bytes=int(sizes.sum()),
+            total_documents=len(docs),
+        )
+        origin = (
+            f"{meta['package']} {meta['version']}" if meta.get("package") else meta.get("path", "user data")
+        )
+        log(
+            f"source {src.name}: {origin} ({meta['licence']}): {meta['documents']:,} of "
+            f"{len(docs):,} documents, {meta['bytes']:,} bytes [{time.time() - t0:.1f}s]"
+        )
+        metas.append(meta)
+        kept_docs.append(kept)
+    return metas, kept_docs
 
 
-def _partition(s: dict, names: list[str], source_ids: np.ndarray,
-               sizes: np.ndarray) -> tuple[list[str], np.ndarray]:
-  if s["partition"] == "natural":
-    return names, partition_lib.partition_natural(source_ids)
-  silos = partition_lib.silo_names(s["num_silos"])
-  if s["partition"] == "iid":
-    return silos, partition_lib.partition_iid(sizes, s["num_silos"], s["seed"])
-  return silos, partition_lib.partition_dirichlet(
-      source_ids, sizes, s["num_silos"], s["dirichlet_alpha"], s["seed"])
+def _partition(
+    s: dict, names: list[str], source_ids: np.ndarray, sizes: np.ndarray
+) -> tuple[list[str], np.ndarray]:
+    if s["partition"] == "natural":
+        return names, partition_lib.partition_natural(source_ids)
+    silos = partition_lib.silo_names(s["num_silos"])
+    if s["partition"] == "iid":
+        return silos, partition_lib.partition_iid(sizes, s["num_silos"], s["seed"])
+    return silos, partition_lib.partition_dirichlet(
+        source_ids, sizes, s["num_silos"], s["dirichlet_alpha"], s["seed"]
+    )
 
 
 def _encode(tok: Tokenizer, docs: list[str], dtype: np.dtype) -> list[np.ndarray]:
-  out = []
-  for i in range(0, len(docs), _ENCODE_CHUNK):
-    out.extend(np.asarray(ids, dtype=dtype) for ids in tok.encode_batch(docs[i:i + _ENCODE_CHUNK]))
-  return out
+    out = []
+    for i in range(0, len(docs), _ENCODE_CHUNK):
+        out.extend(np.asarray(ids, dtype=dtype) for ids in tok.encode_batch(docs[i : i + _ENCODE_CHUNK]))
+    return out
 
 
 def _join(pieces: list[np.ndarray], eos: int, dtype: np.dtype) -> np.ndarray:
-  """Documents back to back, EOS after each."""
-  eos_arr = np.array([eos], dtype=dtype)
-  return np.concatenate([x for p in pieces for x in (p, eos_arr)] or [np.zeros(0, dtype)])
+    """Documents back to back, EOS after each."""
+    eos_arr = np.array([eos], dtype=dtype)
+    return np.concatenate([x for p in pieces for x in (p, eos_arr)] or [np.zeros(0, dtype)])
 
 
 def _up_to_date(info_path: pathlib.Path, key: str) -> dict | None:
-  if info_path.exists():
-    info = json.loads(info_path.read_text(encoding="utf-8"))
-    if info.get("settings_hash") == key:
-      return info
-  return None
+    if info_path.exists():
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+        if info.get("settings_hash") == key:
+            return info
+    return None
 
 
 @contextlib.contextmanager
 def _lock(corpus_dir: pathlib.Path):
-  """One builder per corpus_dir at a time (several silo processes may start at once)."""
-  corpus_dir.mkdir(parents=True, exist_ok=True)
-  with open(corpus_dir / ".prepare.lock", "w", encoding="utf-8") as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
+    """One builder per corpus_dir at a time (several silo processes may start at once)."""
+    corpus_dir.mkdir(parents=True, exist_ok=True)
+    with open(corpus_dir / ".prepare.lock", "w", encoding="utf-8") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def prepare(data_cfg: Any, *, log: Callable[[str], None] = _print) -> CorpusInfo:
-  """Builds the corpus described by data_cfg, or returns at once if it is built.
+    """Builds the corpus described by data_cfg, or returns at once if it is built.
 
-  "Built" means corpus.json exists and records the hash of the same settings
-  (config.settings: sources, caps, vocab, split, partition, seed, format version).
-  User folders and files are not re-read to detect edits: change a setting, or
-  delete corpus.json, to rebuild.
-  """
-  s = config_lib.settings(data_cfg)
-  key = config_lib.settings_hash(s)
-  corpus_dir = pathlib.Path(config_lib.field(data_cfg, "corpus_dir")).expanduser()
-  info_path = corpus_dir / CORPUS_JSON
-  if (info := _up_to_date(info_path, key)) is not None:
-    log(f"corpus at {corpus_dir} is up to date ({len(info['silos'])} silos)")
-    return CorpusInfo(corpus_dir, info, rebuilt=False)
-  _check_settings(s)
-  with _lock(corpus_dir):
-    if (info := _up_to_date(info_path, key)) is not None:  # built while we waited
-      return CorpusInfo(corpus_dir, info, rebuilt=False)
-    if info_path.exists():
-      log(f"corpus at {corpus_dir} was built from other settings: rebuilding")
-    return _build(s, key, corpus_dir, log)
+    "Built" means corpus.json exists and records the hash of the same settings
+    (config.settings: sources, caps, vocab, split, partition, seed, format version).
+    User folders and files are not re-read to detect edits: change a setting, or
+    delete corpus.json, to rebuild.
+    """
+    s = config_lib.settings(data_cfg)
+    key = config_lib.settings_hash(s)
+    corpus_dir = pathlib.Path(config_lib.field(data_cfg, "corpus_dir")).expanduser()
+    info_path = corpus_dir / CORPUS_JSON
+    if (info := _up_to_date(info_path, key)) is not None:
+        log(f"corpus at {corpus_dir} is up to date ({len(info['silos'])} silos)")
+        return CorpusInfo(corpus_dir, info, rebuilt=False)
+    _check_settings(s)
+    with _lock(corpus_dir):
+        if (info := _up_to_date(info_path, key)) is not None:  # built while we waited
+            return CorpusInfo(corpus_dir, info, rebuilt=False)
+        if info_path.exists():
+            log(f"corpus at {corpus_dir} was built from other settings: rebuilding")
+        return _build(s, key, corpus_dir, log)
 
 
 def _build(s: dict, key: str, corpus_dir: pathlib.Path, log) -> CorpusInfo:
-  t_start = time.time()
-  info_path = corpus_dir / CORPUS_JSON
-  # From here on the old corpus is invalid: it must not look complete.
-  info_path.unlink(missing_ok=True)
-  shutil.rmtree(corpus_dir / "silos", ignore_errors=True)
+    t_start = time.time()
+    info_path = corpus_dir / CORPUS_JSON
+    # From here on the old corpus is invalid: it must not look complete.
+    info_path.unlink(missing_ok=True)
+    shutil.rmtree(corpus_dir / "silos", ignore_errors=True)
 
-  metas, kept_docs = _load_sources(s, corpus_dir / "raw", log)
-  names = [m["name"] for m in metas]
+    metas, kept_docs = _load_sources(s, corpus_dir / "raw", log)
+    names = [m["name"] for m in metas]
 
-  sample = []
-  for name, docs in zip(names, kept_docs):
-    sizes = [len(d.encode("utf-8")) for d in docs]
-    idx = sampling.sample_by_bytes(sizes, s["tokenizer_sample_bytes"],
-                                   sampling.rng_for(s["seed"], name, "tokenizer"))
-    sample.extend(docs[i] for i in idx)
-  t0 = time.time()
-  tok_path = corpus_dir / TOKENIZER_FILE
-  train_tokenizer(sample, s["vocab_size"], tok_path)
-  tok = Tokenizer(tok_path)
-  log(f"tokenizer: BPE, {tok.vocab_size} pieces, trained on "
-      f"{sum(len(d.encode('utf-8')) for d in sample):,} bytes [{time.time() - t0:.1f}s]")
-  del sample
+    sample = []
+    for name, docs in zip(names, kept_docs):
+        sizes = [len(d.encode("utf-8")) for d in docs]
+        idx = sampling.sample_by_bytes(
+            sizes, s["tokenizer_sample_bytes"], sampling.rng_for(s["seed"], name, "tokenizer")
+        )
+        sample.extend(docs[i] for i in idx)
+    t0 = time.time()
+    tok_path = corpus_dir / TOKENIZER_FILE
+    train_tokenizer(sample, s["vocab_size"], tok_path)
+    tok = Tokenizer(tok_path)
+    log(
+        f"tokenizer: BPE, {tok.vocab_size} pieces, trained on "
+        f"{sum(len(d.encode('utf-8')) for d in sample):,} bytes [{time.time() - t0:.1f}s]"
+    )
+    del sample
 
-  docs = [d for ds in kept_docs for d in ds]
-  source_ids = np.concatenate([np.full(len(ds), i) for i, ds in enumerate(kept_docs)])
-  sizes = np.array([len(d.encode("utf-8")) for d in docs], dtype=np.int64)
-  del kept_docs
-  silos, assignment = _partition(s, names, source_ids, sizes)
+    docs = [d for ds in kept_docs for d in ds]
+    source_ids = np.concatenate([np.full(len(ds), i) for i, ds in enumerate(kept_docs)])
+    sizes = np.array([len(d.encode("utf-8")) for d in docs], dtype=np.int64)
+    del kept_docs
+    silos, assignment = _partition(s, names, source_ids, sizes)
 
-  dtype = token_dtype(tok.vocab_size)
-  silo_info = {}
-  for j, silo in enumerate(silos):
-    idx = np.flatnonzero(assignment == j)  # source order, then document order
-    if len(idx) == 0:
-      raise DataError(f"silo {silo} received no documents: use fewer silos "
-                      f"(num_silos={s.get('num_silos')}) or a larger dirichlet_alpha")
-    tokens = _encode(tok, [docs[i] for i in idx], dtype)
-    is_val = sampling.val_mask(sizes[idx], s["val_fraction"],
-                               sampling.rng_for(s["seed"], silo, "val"))
-    if len(idx) == 1:  # one document: split its tokens instead
-      only = tokens[0]
-      cut = min(max(1, int(round(len(only) * (1 - s["val_fraction"])))), len(only) - 1)
-      train_parts, val_parts = [only[:cut]], [only[cut:]]
-    else:
-      train_parts = [t for t, v in zip(tokens, is_val) if not v]
-      val_parts = [t for t, v in zip(tokens, is_val) if v]
-    splits = {"train": _join(train_parts, tok.eos_id, dtype),
-              "val": _join(val_parts, tok.eos_id, dtype)}
-    for split, arr in splits.items():
-      write_atomic(corpus_dir / "silos" / silo / f"{split}.bin", arr.tobytes())
-    silo_bytes = int(sizes[idx].sum())
-    mix = np.bincount(source_ids[idx], weights=sizes[idx], minlength=len(names)) / silo_bytes
-    silo_info[silo] = {
-        "train_tokens": int(splits["train"].size), "val_tokens": int(splits["val"].size),
-        "train_documents": len(train_parts), "val_documents": len(val_parts),
-        "bytes": silo_bytes,
-        "bytes_per_token": round(silo_bytes / max(1, sum(t.size for t in tokens)), 4),
-        "mix": {n: round(float(f), 6) for n, f in zip(names, mix) if f > 0},
-        "train": f"silos/{silo}/train.bin", "val": f"silos/{silo}/val.bin",
+    dtype = token_dtype(tok.vocab_size)
+    silo_info = {}
+    for j, silo in enumerate(silos):
+        idx = np.flatnonzero(assignment == j)  # source order, then document order
+        if len(idx) == 0:
+            raise DataError(
+                f"silo {silo} received no documents: use fewer silos "
+                f"(num_silos={s.get('num_silos')}) or a larger dirichlet_alpha"
+            )
+        tokens = _encode(tok, [docs[i] for i in idx], dtype)
+        is_val = sampling.val_mask(sizes[idx], s["val_fraction"], sampling.rng_for(s["seed"], silo, "val"))
+        if len(idx) == 1:  # one document: split its tokens instead
+            only = tokens[0]
+            cut = min(max(1, int(round(len(only) * (1 - s["val_fraction"])))), len(only) - 1)
+            train_parts, val_parts = [only[:cut]], [only[cut:]]
+        else:
+            train_parts = [t for t, v in zip(tokens, is_val) if not v]
+            val_parts = [t for t, v in zip(tokens, is_val) if v]
+        splits = {"train": _join(train_parts, tok.eos_id, dtype), "val": _join(val_parts, tok.eos_id, dtype)}
+        for split, arr in splits.items():
+            write_atomic(corpus_dir / "silos" / silo / f"{split}.bin", arr.tobytes())
+        silo_bytes = int(sizes[idx].sum())
+        mix = np.bincount(source_ids[idx], weights=sizes[idx], minlength=len(names)) / silo_bytes
+        silo_info[silo] = {
+            "train_tokens": int(splits["train"].size),
+            "val_tokens": int(splits["val"].size),
+            "train_documents": len(train_parts),
+            "val_documents": len(val_parts),
+            "bytes": silo_bytes,
+            "bytes_per_token": round(silo_bytes / max(1, sum(t.size for t in tokens)), 4),
+            "mix": {n: round(float(f), 6) for n, f in zip(names, mix) if f > 0},
+            "train": f"silos/{silo}/train.bin",
+            "val": f"silos/{silo}/val.bin",
+        }
+        log(
+            f"silo {silo}: {len(idx):,} documents, {silo_bytes:,} bytes -> "
+            f"train {splits['train'].size:,} / val {splits['val'].size:,} tokens "
+            f"({silo_info[silo]['bytes_per_token']:.2f} bytes/token)"
+        )
+
+    info = {
+        "format": config_lib.FORMAT_VERSION,
+        "settings_hash": key,
+        "settings": s,
+        "vocab_size": tok.vocab_size,
+        "tokenizer": TOKENIZER_FILE,
+        "eos_id": tok.eos_id,
+        "bos_id": tok.bos_id,
+        "pad_id": tok.pad_id,
+        "token_dtype": dtype.name,
+        "partition": {
+            "name": s["partition"],
+            "num_silos": len(silos),
+            "dirichlet_alpha": s.get("dirichlet_alpha"),
+        },
+        "seed": s["seed"],
+        "sources": {m.pop("name"): m for m in metas},
+        "silos": silo_info,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "prepare_seconds": round(time.time() - t_start, 2),
     }
-    log(f"silo {silo}: {len(idx):,} documents, {silo_bytes:,} bytes -> "
-        f"train {splits['train'].size:,} / val {splits['val'].size:,} tokens "
-        f"({silo_info[silo]['bytes_per_token']:.2f} bytes/token)")
-
-  info = {
-      "format": config_lib.FORMAT_VERSION,
-      "settings_hash": key,
-      "settings": s,
-      "vocab_size": tok.vocab_size,
-      "tokenizer": TOKENIZER_FILE,
-      "eos_id": tok.eos_id, "bos_id": tok.bos_id, "pad_id": tok.pad_id,
-      "token_dtype": dtype.name,
-      "partition": {"name": s["partition"], "num_silos": len(silos),
-                    "dirichlet_alpha": s.get("dirichlet_alpha")},
-      "seed": s["seed"],
-      "sources": {m.pop("name"): m for m in metas},
-      "silos": silo_info,
-      "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "prepare_seconds": round(time.time() - t_start, 2),
-  }
-  write_atomic(info_path, json.dumps(info, indent=2, ensure_ascii=False).encode("utf-8"))
-  log(f"corpus ready at {corpus_dir}: {len(silos)} silos [{time.time() - t_start:.1f}s]")
-  return CorpusInfo(corpus_dir, info, rebuilt=True)
+    write_atomic(info_path, json.dumps(info, indent=2, ensure_ascii=False).encode("utf-8"))
+    log(f"corpus ready at {corpus_dir}: {len(silos)} silos [{time.time() - t_start:.1f}s]")
+    return CorpusInfo(corpus_dir, info, rebuilt=True)

@@ -15,52 +15,52 @@ FORMAT_VERSION = 1
 
 
 def default_data_config() -> ml_collections.ConfigDict:
-  """Defaults for the `data` part of an experiment config."""
-  cfg = ml_collections.ConfigDict()
-  cfg.corpus_dir = "cache/corpus"
-  cfg.sources = list(DEFAULT_SOURCES)
-  cfg.max_bytes_per_source = 2_000_000  # whole documents, seeded sample; 0 = all
-  cfg.tokenizer_sample_bytes = 1_000_000  # per source
-  cfg.vocab_size = 4096
-  cfg.val_fraction = 0.05  # of each silo's bytes, by whole documents
-  cfg.partition = "natural"  # natural | iid | dirichlet
-  cfg.num_silos = 8  # iid and dirichlet
-  cfg.dirichlet_alpha = 0.5  # dirichlet: smaller = more skewed silos
-  cfg.seed = 0
-  return cfg
+    """Defaults for the `data` part of an experiment config."""
+    cfg = ml_collections.ConfigDict()
+    cfg.corpus_dir = "cache/corpus"
+    cfg.sources = list(DEFAULT_SOURCES)
+    cfg.max_bytes_per_source = 2_000_000  # whole documents, seeded sample; 0 = all
+    cfg.tokenizer_sample_bytes = 1_000_000  # per source
+    cfg.vocab_size = 4096
+    cfg.val_fraction = 0.05  # of each silo's bytes, by whole documents
+    cfg.partition = "natural"  # natural | iid | dirichlet
+    cfg.num_silos = 8  # iid and dirichlet
+    cfg.dirichlet_alpha = 0.5  # dirichlet: smaller = more skewed silos
+    cfg.seed = 0
+    return cfg
 
 
 _DEFAULTS = default_data_config().to_dict()
 
 
 def field(cfg: Any, name: str) -> Any:
-  """cfg.name for a ConfigDict or a plain mapping, else the default."""
-  if isinstance(cfg, Mapping) or hasattr(cfg, "get"):
-    value = cfg.get(name, None)
-  else:
-    value = getattr(cfg, name, None)
-  return _DEFAULTS[name] if value is None else value
+    """cfg.name for a ConfigDict or a plain mapping, else the default."""
+    if isinstance(cfg, Mapping) or hasattr(cfg, "get"):
+        value = cfg.get(name, None)
+    else:
+        value = getattr(cfg, name, None)
+    return _DEFAULTS[name] if value is None else value
 
 
 def settings(cfg: Any) -> dict:
-  """The fields that determine the prepared corpus (corpus_dir does not)."""
-  partition = str(field(cfg, "partition"))
-  out = {
-      "format": FORMAT_VERSION,
-      "sources": [str(s) for s in field(cfg, "sources")],
-      "max_bytes_per_source": int(field(cfg, "max_bytes_per_source")),
-      "tokenizer_sample_bytes": int(field(cfg, "tokenizer_sample_bytes")),
-      "vocab_size": int(field(cfg, "vocab_size")),
-      "val_fraction": float(field(cfg, "val_fraction")),
-      "partition": partition,
-      "seed": int(field(cfg, "seed")),
-  }
-  if partition in ("iid", "dirichlet"):
-    out["num_silos"] = int(field(cfg, "num_silos"))
-  if partition == "dirichlet":
-    out["dirichlet_alpha"] = float(field(cfg, "dirichlet_alpha"))
-  return out
+    """The fields that determine the prepared corpus (corpus_dir does not)."""
+    partition = str(field(cfg, "partition"))
+    out = {
+        "format": FORMAT_VERSION,
+        "sources": [str(s) for s in field(cfg, "sources")],
+        "max_bytes_per_source": int(field(cfg, "max_bytes_per_source")),
+        "tokenizer_sample_bytes": int(field(cfg, "tokenizer_sample_bytes")),
+        "vocab_size": int(field(cfg, "vocab_size")),
+        "val_fraction": float(field(cfg, "val_fraction")),
+        "partition": partition,
+        "seed": int(field(cfg, "seed")),
+    }
+    if partition in ("iid", "dirichlet"):
+        out["num_silos"] = int(field(cfg, "num_silos"))
+    if partition == "dirichlet":
+        out["dirichlet_alpha"] = float(field(cfg, "dirichlet_alpha"))
+    return out
 
 
 def settings_hash(s: dict) -> str:
-  return hashlib.sha256(json.dumps(s, sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(s, sort_keys=True).encode()).hexdigest()

@@ -2,4 +2,4 @@
 
 
 class DataError(ValueError):
-  """A source, file, record or silo that cannot be used, with the reason."""
+    """A source, file, record or silo that cannot be used, with the reason."""

@@ -75,7 +75,8 @@ def _leaf_fields(index: dict[str, dict[str, Any]], param: str, shape: tuple[int,
         )
         if not ok:
             raise validate_lib.UpdateRejected(
-                silo, round,
+                silo,
+                round,
                 f"param {param!r}: int8 payload q{found['q']['shape']} scale{found['scale']['shape']} "
                 f"does not fit shape {list(shape)}",
             )
@@ -129,18 +130,25 @@ def stream_weighted_mean(
     for param, shape, _ in leaves:
         for s in silos:
             fields = _leaf_fields(index[s], param, shape, s, round)
-            opened = {f: updates_lib.open_array(store.objects, store.context, round, s, e) for f, e in fields.items()}
+            opened = {
+                f: updates_lib.open_array(store.objects, store.context, round, s, e)
+                for f, e in fields.items()
+            }
             plan.append((param, shape, s, fields, opened))
 
     def start(fields, opened):
         return arrays_lib.Waiter([opened[f].result().read() for f in sorted(fields)])
 
     items = [
-        (sum(math.prod(e["shape"]) * np.dtype(e["dtype"]).itemsize for e in fields.values()),
-         functools.partial(start, fields, opened))
+        (
+            sum(math.prod(e["shape"]) * np.dtype(e["dtype"]).itemsize for e in fields.values()),
+            functools.partial(start, fields, opened),
+        )
         for _, _, _, fields, opened in plan
     ]
-    reader = arrays_lib.BoundedReader(store.read_budget_bytes if read_budget_bytes is None else read_budget_bytes)
+    reader = arrays_lib.BoundedReader(
+        store.read_budget_bytes if read_budget_bytes is None else read_budget_bytes
+    )
     means: dict[str, jax.Array] = {}
     for (param, shape, silo, fields, _), (_, data) in zip(plan, reader.run(items)):
         if isinstance(data, Exception):

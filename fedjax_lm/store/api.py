@@ -93,11 +93,19 @@ class Store:
 
     # ------------------------------------------------------------------ updates
 
-    def write_update(self, round: int, silo: str, payload: PyTree, manifest: Mapping[str, Any]) -> dict[str, Any]:
+    def write_update(
+        self, round: int, silo: str, payload: PyTree, manifest: Mapping[str, Any]
+    ) -> dict[str, Any]:
         """Writes and commits a silo's payload; returns the manifest. No-op if already committed."""
         return updates_lib.write_update(
-            self.objects, self.context, round, silo, payload, manifest,
-            codec=self.codec, chunk_bytes=self.chunk_bytes,
+            self.objects,
+            self.context,
+            round,
+            silo,
+            payload,
+            manifest,
+            codec=self.codec,
+            chunk_bytes=self.chunk_bytes,
         )
 
     def is_committed(self, round: int, silo: str) -> bool:
@@ -127,9 +135,17 @@ class Store:
     ) -> dict[str, Any]:
         """The manifest (plus "validation": norm, bytes read) or UpdateRejected; see `validate`."""
         return validate_lib.validate_update(
-            self.objects, self.context, round, silo, template_payload_shapes,
-            expected_silos=expected_silos, closed_rounds=closed_rounds, current_round=current_round,
-            max_norm=max_norm, like_params=like_params, read_budget_bytes=self.read_budget_bytes,
+            self.objects,
+            self.context,
+            round,
+            silo,
+            template_payload_shapes,
+            expected_silos=expected_silos,
+            closed_rounds=closed_rounds,
+            current_round=current_round,
+            max_norm=max_norm,
+            like_params=like_params,
+            read_budget_bytes=self.read_budget_bytes,
         )
 
     def stream_weighted_mean(self, round: int, weights: Mapping[str, float], like_params: PyTree, **kwargs):
@@ -144,12 +160,16 @@ class Store:
         if self.layout.is_local:
             backend = lock_lib.LocalBackend(self.layout.local(lock_lib.LOCK_KEY))
         else:
-            backend = lock_lib.KvBackend(self.objects.kvstore, lock_lib.LOCK_KEY, f"{self.root}/{lock_lib.LOCK_KEY}")
+            backend = lock_lib.KvBackend(
+                self.objects.kvstore, lock_lib.LOCK_KEY, f"{self.root}/{lock_lib.LOCK_KEY}"
+            )
         return lock_lib.acquire(backend, dict(owner_info), lease_s=lease_s, host=host)
 
     # ------------------------------------------------------------------ silo private state
 
-    def save_silo_state(self, silo: str, round: int, arrays_pytree: PyTree, json_meta: Mapping[str, Any]) -> bool:
+    def save_silo_state(
+        self, silo: str, round: int, arrays_pytree: PyTree, json_meta: Mapping[str, Any]
+    ) -> bool:
         return self._checkpoints.save_silo_state(silo, round, arrays_pytree, json_meta)
 
     def latest_silo_state(self, silo: str) -> int | None:

@@ -104,11 +104,7 @@ def write_regions(arr: Any) -> tuple[tuple[int, ...], list[tuple[list[int], Any]
     if isinstance(arr, jax.Array):
         shape = tuple(arr.shape)
         unit = tuple(arr.sharding.shard_shape(shape))
-        regions = [
-            (_norm_index(s.index, shape), s.data)
-            for s in arr.addressable_shards
-            if s.replica_id == 0
-        ]
+        regions = [(_norm_index(s.index, shape), s.data) for s in arr.addressable_shards if s.replica_id == 0]
         return unit, regions
     shape = tuple(np.shape(arr))
     return shape, ([([0] * len(shape), arr)] if jax.process_index() == 0 else [])
@@ -130,7 +126,9 @@ def check_grid(regions: Sequence[Region], shape: Sequence[int]) -> str | None:
         o, s = r.get("origin"), r.get("shape")
         if not (isinstance(o, list) and isinstance(s, list) and len(o) == ndim and len(s) == ndim):
             return f"region {r} has the wrong rank for shape {list(shape)}"
-        if any(not isinstance(v, int) or v < 0 for v in o + s) or any(a + b > n for a, b, n in zip(o, s, shape)):
+        if any(not isinstance(v, int) or v < 0 for v in o + s) or any(
+            a + b > n for a, b, n in zip(o, s, shape)
+        ):
             return f"region {o}+{s} lies outside shape {list(shape)}"
         cells.add(tuple(zip(o, s)))
     if len(cells) != len(regions):
@@ -201,7 +199,9 @@ def _divisors(n: int) -> list[int]:
     return small + [n // d for d in small]
 
 
-def zarr_spec(kvstore: dict[str, Any], shape: Sequence[int], dtype: Any, chunks: Sequence[int], codec: str) -> dict:
+def zarr_spec(
+    kvstore: dict[str, Any], shape: Sequence[int], dtype: Any, chunks: Sequence[int], codec: str
+) -> dict:
     if codec not in CODECS:
         raise ValueError(f"unknown codec {codec!r}; valid: {CODECS}")
     codecs: list[dict[str, Any]] = [{"name": "bytes", "configuration": {"endian": "little"}}]

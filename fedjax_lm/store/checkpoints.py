@@ -131,7 +131,9 @@ class Checkpoints:
             return False
         m.save(
             layout.check_round(round),
-            args=ocp.args.Composite(state=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(dict(json_meta))),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(dict(json_meta))
+            ),
             force=True,
         )
         m.wait_until_finished()
@@ -147,9 +149,12 @@ class Checkpoints:
         if round not in m.all_steps():
             m.reload()
             if round not in m.all_steps():
-                raise FileNotFoundError(f"silo {silo!r} has no saved state for round {round} in {self.root.url}")
+                raise FileNotFoundError(
+                    f"silo {silo!r} has no saved state for round {round} in {self.root.url}"
+                )
         out = m.restore(
-            round, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
+            round,
+            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()),
         )
         return out["state"], dict(out["meta"])
 

@@ -109,11 +109,15 @@ class Root:
             if not bucket:
                 raise ValueError(f"store root {root!r} has no bucket")
             prefix = prefix.strip("/")
-            return cls(url=root.rstrip("/"), scheme=scheme, bucket=bucket, path=prefix + "/" if prefix else "")
+            return cls(
+                url=root.rstrip("/"), scheme=scheme, bucket=bucket, path=prefix + "/" if prefix else ""
+            )
         if scheme == "memory":
             prefix = rest.strip("/")
             return cls(url=root.rstrip("/"), scheme="memory", bucket="", path=prefix + "/" if prefix else "")
-        raise ValueError(f"store root {root!r}: unsupported scheme {scheme!r} (use a path, gs://, s3:// or memory://)")
+        raise ValueError(
+            f"store root {root!r}: unsupported scheme {scheme!r} (use a path, gs://, s3:// or memory://)"
+        )
 
     @property
     def is_local(self) -> bool:
@@ -192,7 +196,9 @@ class Objects:
             except FileNotFoundError:
                 return []
         # Object stores list recursively; keep the first path component after the prefix.
-        keys = self._kv.list(ts.KvStore.KeyRange(prefix, _prefix_end(prefix)), strip_prefix_length=len(prefix))
+        keys = self._kv.list(
+            ts.KvStore.KeyRange(prefix, _prefix_end(prefix)), strip_prefix_length=len(prefix)
+        )
         return sorted({k.decode().split("/", 1)[0] for k in keys.result()})
 
     def delete_prefix(self, prefix: str) -> None:

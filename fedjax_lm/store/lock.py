@@ -56,7 +56,11 @@ class LockHeld(RuntimeError):
         self.holder = holder
         since = holder.get("since")
         since_s = _iso(since) if isinstance(since, (int, float)) else "?"
-        age = time.time() - holder["refreshed"] if isinstance(holder.get("refreshed"), (int, float)) else float("nan")
+        age = (
+            time.time() - holder["refreshed"]
+            if isinstance(holder.get("refreshed"), (int, float))
+            else float("nan")
+        )
         super().__init__(
             f"aggregator lock {where} is held by host {holder.get('host')!r} pid {holder.get('pid')} since {since_s} "
             f"(owner {holder.get('owner')}; last refreshed {age:.1f} s ago, lease {holder.get('lease_s')} s)"
@@ -273,7 +277,9 @@ class Lock:
                     token = self._backend.replace(cur[1], _dump(record))
             if token is None:
                 self._held = False
-                desc = f"host {holder.get('host')!r} pid {holder.get('pid')}" if holder else "nobody (removed)"
+                desc = (
+                    f"host {holder.get('host')!r} pid {holder.get('pid')}" if holder else "nobody (removed)"
+                )
                 raise LockLost(f"aggregator lock {self._backend.where} was taken over; now held by {desc}")
             self.record, self._token = record, token
 

@@ -117,7 +117,9 @@ def write_update(
         chunks = arrays_lib.chunk_shape(shape, unit, dtype.itemsize, chunk_bytes)
         path = layout.array_path(key)
         spec = arrays_lib.zarr_spec(root.kvstore_spec(prefix + path + "/"), shape, dtype, chunks, codec)
-        plans.append((key, path, shape, dtype, chunks, regions, ts.open(spec, create=True, open=True, context=context)))
+        plans.append(
+            (key, path, shape, dtype, chunks, regions, ts.open(spec, create=True, open=True, context=context))
+        )
 
     # Writes and hashes of all regions in flight at once, up to a byte budget of host copies.
     my_regions: dict[str, list[arrays_lib.Region]] = {}
@@ -144,7 +146,9 @@ def write_update(
         for _, w, _ in inflight:
             w.result()
         for key, origin, shape, digest in hashes:
-            my_regions.setdefault(key, []).append({"origin": origin, "shape": shape, "sha256": digest.result()})
+            my_regions.setdefault(key, []).append(
+                {"origin": origin, "shape": shape, "sha256": digest.result()}
+            )
     objects.put_json(f"{prefix}{layout.REGIONS}/{pid}.json", my_regions)
     _barrier(f"fedjax_lm.store.write_update:{round}:{silo}:written")
 
@@ -162,15 +166,17 @@ def write_update(
             problem = arrays_lib.check_grid(regs, shape)
             if problem:
                 raise RuntimeError(f"update {round}/{silo}: array {key!r} was not fully written: {problem}")
-            out_arrays.append({
-                "keypath": key,
-                "path": path,
-                "shape": list(shape),
-                "dtype": dtype.name,
-                "chunks": list(chunks),
-                "sha256": arrays_lib.array_digest(regs),
-                "regions": regs,
-            })
+            out_arrays.append(
+                {
+                    "keypath": key,
+                    "path": path,
+                    "shape": list(shape),
+                    "dtype": dtype.name,
+                    "chunks": list(chunks),
+                    "sha256": arrays_lib.array_digest(regs),
+                    "regions": regs,
+                }
+            )
         full = {**extra, **computed, "arrays": out_arrays, "written_at": time.time()}
         data = manifest_bytes(full)
         objects.put(prefix + layout.MANIFEST, data)
@@ -182,7 +188,9 @@ def write_update(
 def read_manifest(objects: layout.Objects, round: int, silo: str) -> dict[str, Any]:
     """The manifest of a committed update (FileNotFoundError if it is not committed)."""
     if not objects.exists(layout.marker_key(round, silo)):
-        raise FileNotFoundError(f"update for round {round} from silo {silo!r} is not committed in {objects.root.url}")
+        raise FileNotFoundError(
+            f"update for round {round} from silo {silo!r} is not committed in {objects.root.url}"
+        )
     data = objects.get(layout.update_dir(round, silo) + layout.MANIFEST)
     if data is None:
         raise FileNotFoundError(f"update for round {round} from silo {silo!r} has a marker but no manifest")
@@ -195,7 +203,9 @@ def open_array(objects: layout.Objects, context: ts.Context, round: int, silo: s
     return ts.open({"driver": "zarr3", "kvstore": kv}, open=True, read=True, context=context)
 
 
-def read_update(objects: layout.Objects, context: ts.Context, round: int, silo: str, template_payload: Any) -> Any:
+def read_update(
+    objects: layout.Objects, context: ts.Context, round: int, silo: str, template_payload: Any
+) -> Any:
     """A committed payload as NumPy arrays in the structure of `template_payload` (unchecked:
     for tests, debugging and relaying; the aggregator uses validate + stream_weighted_mean)."""
     manifest = read_manifest(objects, round, silo)
@@ -210,7 +220,9 @@ def read_update(objects: layout.Objects, context: ts.Context, round: int, silo: 
     return jax.tree_util.tree_unflatten(treedef, [r.result() for r in reads])
 
 
-def committed_silos(objects: layout.Objects, round: int, candidates: Sequence[str] | None = None) -> list[str]:
+def committed_silos(
+    objects: layout.Objects, round: int, candidates: Sequence[str] | None = None
+) -> list[str]:
     """Silos whose update for `round` is committed. With `candidates` (e.g. the round's
     sample), only their markers are checked (cheap on object stores, which list recursively)."""
     if candidates is not None:

@@ -55,7 +55,8 @@ class UpdateRejected(Exception):
 def template_arrays(template_payload: Any) -> dict[str, tuple[tuple[int, ...], str]]:
     """{array keypath: (shape, dtype name)} of an (abstract) payload."""
     return {
-        key: (tuple(x.shape), np.dtype(x.dtype).name) for key, x in arrays_lib.payload_entries(template_payload)
+        key: (tuple(x.shape), np.dtype(x.dtype).name)
+        for key, x in arrays_lib.payload_entries(template_payload)
     }
 
 
@@ -91,7 +92,12 @@ def load_manifest(objects: layout.Objects, round: int, silo: str) -> dict[str, A
     if manifest.get("round") != round or manifest.get("silo") != silo:
         reject(f"manifest names round {manifest.get('round')!r}, silo {manifest.get('silo')!r}")
     tokens = manifest.get("tokens")
-    if isinstance(tokens, bool) or not isinstance(tokens, (int, float)) or not math.isfinite(tokens) or tokens < 0:
+    if (
+        isinstance(tokens, bool)
+        or not isinstance(tokens, (int, float))
+        or not math.isfinite(tokens)
+        or tokens < 0
+    ):
         reject(f"manifest tokens {tokens!r} is not a finite non-negative number")
     if not isinstance(manifest.get("arrays"), list):
         reject("manifest has no 'arrays' list")
@@ -110,11 +116,15 @@ def check_arrays(
     missing = sorted(set(template) - set(entries))
     extra = sorted(set(entries) - set(template))
     if missing or extra:
-        raise UpdateRejected(silo, round, f"arrays missing {missing}, unexpected {extra} (wrong method or model?)")
+        raise UpdateRejected(
+            silo, round, f"arrays missing {missing}, unexpected {extra} (wrong method or model?)"
+        )
     for key, (shape, dtype) in template.items():
         a = entries[key]
         if a.get("shape") != list(shape):
-            raise UpdateRejected(silo, round, f"array {key!r} has shape {a.get('shape')}, expected {list(shape)}")
+            raise UpdateRejected(
+                silo, round, f"array {key!r} has shape {a.get('shape')}, expected {list(shape)}"
+            )
         if a.get("dtype") != dtype:
             raise UpdateRejected(silo, round, f"array {key!r} has dtype {a.get('dtype')}, expected {dtype}")
         if a.get("path") != layout.array_path(key):
@@ -192,7 +202,9 @@ def validate_update(
     if closed_rounds is not None and round in closed_rounds:
         reject("round is closed")
     if current_round is not None and round != current_round:
-        reject(f"round is {'closed' if round < current_round else 'not open yet'} (current round {current_round})")
+        reject(
+            f"round is {'closed' if round < current_round else 'not open yet'} (current round {current_round})"
+        )
 
     manifest = load_manifest(objects, round, silo)
     template = template_arrays(template_payload)
@@ -233,7 +245,9 @@ def validate_update(
                     reject(f"array {key!r} {problem}")
                 checked_open.add(key)
             if isinstance(data, Exception):
-                reject_data(f"{where} cannot be read or decoded (corrupted or truncated chunk?): {short_error(data)}")
+                reject_data(
+                    f"{where} cannot be read or decoded (corrupted or truncated chunk?): {short_error(data)}"
+                )
             hasher.submit(where, region["sha256"], data)
             param, field = arrays_lib.param_keypath(key)
             st = leaves.setdefault(param, _LeafStats())
@@ -258,9 +272,13 @@ def validate_update(
         if st.scale is not None:
             scale = st.scale.astype(np.float64)
             if not np.all(np.isfinite(scale)):
-                reject(f"array {param + '/scale'!r} has {int(np.sum(~np.isfinite(scale)))} non-finite values (NaN/Inf)")
+                reject(
+                    f"array {param + '/scale'!r} has {int(np.sum(~np.isfinite(scale)))} non-finite values (NaN/Inf)"
+                )
             if np.any(np.abs(scale) > _F32_MAX / 128):  # |q| <= 128: q * scale then stays finite
-                reject(f"array {param + '/scale'!r} has scales above float32 max / 128: q * scale may decode to Inf")
+                reject(
+                    f"array {param + '/scale'!r} has scales above float32 max / 128: q * scale may decode to Inf"
+                )
             st.sumsq += float(np.dot(scale * scale, st.row_sumsq))
         norm_sq += st.sumsq
     norm = math.sqrt(norm_sq)
