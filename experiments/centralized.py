@@ -8,15 +8,15 @@ Takes about 3-4 minutes for the tiny model on 2 CPU cores (after `prepare`).
 from experiments import common
 from fedjax_lm.config import parse_variant
 
-DEFAULTS = dict(size="tiny", steps=300, seq_len=128, batch_size=16, lr=3e-3, vocab=4096, max_bytes=2_000_000)
+DEFAULTS = dict(size="tiny", steps=300, seq_len=128, batch_size=16, lr=3e-3, vocab=0, max_bytes=2_000_000)
 
 
 def get_config(arg: str | None = None):
     v = parse_variant(arg, DEFAULTS)
     c = common.base_config(size=v["size"], seq_len=v["seq_len"], batch_size=v["batch_size"], steps=v["steps"])
     c.name = f"centralized-{v['size']}"
-    c.data.vocab_size = v["vocab"]
-    c.model.vocab_size = v["vocab"]
+    if v["vocab"]:  # 0: the preset's vocabulary
+        c.data.vocab_size = c.model.vocab_size = v["vocab"]
     c.data.max_bytes_per_source = v["max_bytes"]
     c.optim.lr = v["lr"]
     return c

@@ -21,7 +21,9 @@ def base_config(
     c.name = "base"
     c.data = data_lib.default_data_config()
     c.model = presets.model_preset(size)
-    c.model.vocab_size = c.data.vocab_size  # the tokenizer trained by `prepare` sets the vocabulary
+    # The tokenizer trained by `prepare` sets the vocabulary: tiny/small use 4096, the large
+    # presets their own (50304, or 32000 for 7b); `vocab=` in a variant overrides both.
+    c.data.vocab_size = c.model.vocab_size
     c.model.max_seq_len = max(c.model.max_seq_len, seq_len)
     c.optim = optim.default_optim_config()
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))

@@ -22,7 +22,7 @@ COMMON_KEYS = dict(
     compression="int8",
     inner_state="keep",
     parallel=False,
-    vocab=4096,
+    vocab=0,  # 0: the model preset's vocabulary
     max_bytes=2_000_000,
     partition="natural",
     eval_every=0,
@@ -35,7 +35,8 @@ def build(arg: str | None, recipe: str, defaults: dict):
     steps = v["rounds"] * v["H"]
     c = common.base_config(size=v["size"], seq_len=v["seq_len"], batch_size=v["batch_size"], steps=steps)
     c.name = f"{recipe}-{v['size']}-s{v['silos']}-H{v['H']}"
-    c.data.vocab_size = c.model.vocab_size = v["vocab"]
+    if v["vocab"]:
+        c.data.vocab_size = c.model.vocab_size = v["vocab"]
     c.data.max_bytes_per_source = v["max_bytes"]
     sources = list(c.data.sources)
     if not 1 <= v["silos"] <= len(sources) and v["partition"] == "natural":

@@ -212,3 +212,55 @@ def test_second_aggregator_refuses_to_run(small_corpus, tmp_path, procs):
     assert rc != 0
     assert "lock" in p.log("second").lower() and "pid" in p.log("second").lower()
     assert p.procs["aggregator"].poll() is None  # the first one still runs
+
+
+def test_adaptive_deadline_follows_the_slowest_recent_silo():
+    d = deploy.Deadlines(
+        dict(adaptive_deadline=True, deadline_s=600.0, deadline_factor=2.0, min_deadline_s=30.0)
+    )
+    assert d.next() == 600.0  # no history yet: the fixed deadline
+    d.observe([10.0, 40.0, 25.0])
+    assert d.next() == 80.0  # 2 x the slowest silo
+    d.observe([5.0])
+    d.observe([6.0])
+    assert d.next() == 30.0  # 2 x median(40, 5, 6) = 12, raised to the 30 s floor
+    d.observe([100.0])
+    assert d.next() == 30.0  # median(5, 6, 100) = 6: one slow round does not move it
+    d.observe([100.0])
+    assert d.next() == 200.0  # ... but two do: median(6, 100, 100) = 100
+    fixed = deploy.Deadlines(
+        dict(adaptive_deadline=False, deadline_s=123.0, deadline_factor=2.0, min_deadline_s=1.0)
+    )
+    fixed.observe([1000.0])
+    assert fixed.next() == 123.0
+
+
+def test_late_update_for_a_closed_round_is_ignored_and_logged(small_corpus, tmp_path, capsys):
+    config, _ = make_config(small_corpus, tmp_path, rounds=2)
+    agg = deploy.Aggregator(config, str(tmp_path / "store"), str(tmp_path / "agg"))
+    rt = agg.rt
+    server = rt.initial_server()
+    agg.store.publish_global(
+        0,
+        server.params,
+        server.opt_state,
+        {"round": 0, "sampled": ["code"], "deadline": 0.0, "published_at": 0.0},
+    )
+    agg.store.publish_global(
+        1,
+        server.params,
+        server.opt_state,
+        {
+            "round": 1,
+            "sampled": ["code"],
+            "deadline": 0.0,
+            "published_at": 0.0,
+            "accepted": ["code"],
+            "rejected": {},
+        },
+    )
+    delta = jax.tree.map(lambda x: np.zeros(x.shape, np.float32), jax.device_get(server.params))
+    payload = jax.device_get(compression.compress(delta, None, config.federation.compression)[0])
+    agg.store.write_update(0, "prose", payload, {"tokens": 1.0, "loss": 1.0})  # after round 0 closed
+    assert agg._log_late_updates(1) == ["prose"]
+    assert "ignored late update of silo prose for closed round 0" in capsys.readouterr().out

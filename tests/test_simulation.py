@@ -100,3 +100,17 @@ def test_a_subset_of_the_corpus_silos_takes_part(small_corpus, tmp_path):
     c.train.silos = ["prose", "nope"]
     with pytest.raises(ValueError, match=r"train.silos names \['nope'\]"):
         federation.train(c, str(tmp_path / "bad"))
+
+
+def test_aggregated_inner_moments_are_shared_by_every_silo(small_corpus, tmp_path):
+    c = fed_config(small_corpus, rounds=2, aggregate_inner_moments=True, compression="none")
+    corpus = federation.data_lib.Corpus.load(small_corpus.corpus_dir)
+    sim = federation.Simulation(c, corpus)
+    server, privates = sim.init(0)
+    timer = federation.monitor.PhaseTimer()
+    server, info = sim.round(server, privates, 0, timer)
+    mus = [jax.tree.leaves(jax.device_get(p.opt_state)) for p in privates.values()]
+    for other in mus[1:]:
+        for a, b in zip(mus[0], other):
+            np.testing.assert_array_equal(a, b)
+    assert any(np.abs(np.asarray(x)).max() > 0 for x in mus[0] if np.asarray(x).dtype == np.float32)
