@@ -1,0 +1,50 @@
+"""Named model shapes: `model_preset("small", n_layers=4)` -> ml_collections.ConfigDict.
+
+Feed the result to `fedjax_lm.model.ModelConfig.from_dict`. Parameter counts (untied):
+tiny 1.84M, small 23.5M, 125m 162M, 350m 411M, 1.3b 1.44B, 3b 2.80B, 7b 6.74B.
+
+tiny/small use the default corpus tokenizer (vocab 4096). The 125m…3b family follows
+Photon's sizes (vocab 50304, sequence 2048) with a SwiGLU MLP of d_ff ≈ 8/3·d_model
+rounded up to a multiple of 256 (the parameter budget of a 4·d_model GELU MLP); 7b is
+Llama-2-7B exactly (6,738,415,616 parameters), so its weights can be imported.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from fedjax_lm.model import ModelConfig
+
+
+def _shape(vocab, d, layers, heads, d_ff, seq, kv_heads=None, **more):
+    return dict(
+        vocab_size=vocab,
+        d_model=d,
+        n_layers=layers,
+        n_heads=heads,
+        n_kv_heads=kv_heads or heads,
+        d_ff=d_ff,
+        max_seq_len=seq,
+        **more,
+    )
+
+
+MODEL_PRESETS: dict[str, dict] = {
+    "tiny": _shape(4096, 128, 4, 4, 384, 256, kv_heads=2),
+    # Unrolled scan: same params, ~5% faster train step on CPU (see ModelConfig).
+    "small": _shape(4096, 512, 6, 8, 1408, 1024, scan_unroll=6),
+    "125m": _shape(50304, 768, 12, 12, 2048, 2048),
+    "350m": _shape(50304, 1024, 24, 16, 2816, 2048),
+    "1.3b": _shape(50304, 2048, 24, 16, 5632, 2048),
+    "3b": _shape(50304, 2560, 32, 20, 6912, 2048),
+    "7b": _shape(32000, 4096, 32, 32, 11008, 4096),
+}
+
+
+def model_preset(name: str, **overrides) -> ml_collections.ConfigDict:
+    """The preset's ModelConfig fields plus overrides (validated: unknown keys fail)."""
+    if name not in MODEL_PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; valid: {sorted(MODEL_PRESETS)}")
+    fields = {**MODEL_PRESETS[name], **overrides}
+    ModelConfig.from_dict(fields)  # raises ValueError naming a bad key or value
+    return ml_collections.ConfigDict(fields)
