@@ -38,13 +38,10 @@ _ENCODE_CHUNK = 512  # documents per SentencePiece batch
 _print = functools.partial(print, flush=True)
 
 
-@dataclasses.dataclass(frozen=True)
-class CorpusInfo:
-    """What prepare built (or found): the parsed corpus.json."""
+class CorpusJsonFields:
+    """Read-only views of a parsed corpus.json held in `self.info` (shared by CorpusInfo and Corpus)."""
 
-    corpus_dir: pathlib.Path
     info: dict
-    rebuilt: bool
 
     @property
     def silos(self) -> list[str]:
@@ -53,6 +50,15 @@ class CorpusInfo:
     @property
     def vocab_size(self) -> int:
         return int(self.info["vocab_size"])
+
+
+@dataclasses.dataclass(frozen=True)
+class CorpusInfo(CorpusJsonFields):
+    """What prepare built (or found): the parsed corpus.json."""
+
+    corpus_dir: pathlib.Path
+    info: dict
+    rebuilt: bool
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

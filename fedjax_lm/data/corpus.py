@@ -9,13 +9,13 @@ import pathlib
 import numpy as np
 
 from fedjax_lm.data.errors import DataError
-from fedjax_lm.data.build import CORPUS_JSON
+from fedjax_lm.data.build import CORPUS_JSON, CorpusJsonFields
 from fedjax_lm.data.tokenizer import Tokenizer
 
 SPLITS = ("train", "val")
 
 
-class Corpus:
+class Corpus(CorpusJsonFields):
     """Read-only view of corpus_dir as written by `prepare`."""
 
     def __init__(self, corpus_dir: pathlib.Path, info: dict):
@@ -34,14 +34,6 @@ class Corpus:
                 "run `python -m fedjax_lm prepare` first"
             )
         return cls(corpus_dir, json.loads(path.read_text(encoding="utf-8")))
-
-    @property
-    def silos(self) -> list[str]:
-        return list(self.info["silos"])
-
-    @property
-    def vocab_size(self) -> int:
-        return int(self.info["vocab_size"])
 
     @property
     def eos_id(self) -> int:
