@@ -31,8 +31,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fedjax_lm import compression
 from fedjax_lm import data as data_lib
@@ -41,6 +39,7 @@ from fedjax_lm import federation
 from fedjax_lm import model as model_lib
 from fedjax_lm import monitor
 from fedjax_lm import outer
+from fedjax_lm import sharding as sharding_lib
 from fedjax_lm import store as store_lib
 from fedjax_lm import train as train_lib
 
@@ -60,22 +59,13 @@ class Runtime:
         self.algo = federation.FederatedAlgorithm(fed.outer, fed.compression)
         self.client = jax.jit(self.silo._with_rules(federation.make_client_fn(self.silo, fed)))
         abstract = self.silo.abstract_params
-        self.abstract_params = jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-            abstract,
-            self.silo.param_shardings,
-        )
-        replicated = NamedSharding(self.silo.mesh, P())
+        self.abstract_params = sharding_lib.with_shardings(abstract, self.silo.param_shardings)
         abstract_outer = jax.eval_shape(self.algo.tx.init, abstract)
-        outer_shardings = optax.tree_map_params(
-            self.algo.tx,
-            lambda _, s: s,
+        self.abstract_outer_opt = sharding_lib.with_shardings(
             abstract_outer,
-            self.silo.param_shardings,
-            transform_non_params=lambda _: replicated,
-        )
-        self.abstract_outer_opt = jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_outer, outer_shardings
+            sharding_lib.optimizer_shardings(
+                self.algo.tx, abstract_outer, self.silo.param_shardings, self.silo.mesh
+            ),
         )
         self.abstract_payload = jax.eval_shape(
             lambda p: compression.compress(p, None, fed.compression, int(fed.block_size))[0], abstract
@@ -350,11 +340,7 @@ class SiloWorker:
         sh = self.rt.silo
         abstract = {}
         if self.keep:
-            abstract["opt_state"] = jax.tree.map(
-                lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                jax.eval_shape(sh.tx.init, sh.abstract_params),
-                sh.opt_shardings,
-            )
+            abstract["opt_state"] = sh.abstract_state_with_shardings().opt_state
         if self.feedback:
             abstract["error"] = self.rt.abstract_params
         return abstract

@@ -24,6 +24,7 @@ from typing import Any
 
 import jax
 import numpy as np
+import optax
 from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -169,6 +170,21 @@ def tree_shardings(abstract_tree: Any, logical_tree: Any, mesh: Mesh, rules: Rul
         for x, lg in zip(leaves, logical_leaves)
     ]
     return jax.tree.unflatten(treedef, specs)
+
+
+def with_shardings(abstract_tree: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs carrying shardings: the abstract targets Orbax restores onto."""
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_tree, shardings
+    )
+
+
+def optimizer_shardings(tx: Any, abstract_opt_state: Any, param_shardings: Any, mesh: Mesh) -> Any:
+    """An optax state's shardings: leaves shaped like params follow them; counters are replicated."""
+    replicated = NamedSharding(mesh, P())
+    return optax.tree_map_params(
+        tx, lambda _, s: s, abstract_opt_state, param_shardings, transform_non_params=lambda _: replicated
+    )
 
 
 def batch_sharding(mesh: Mesh, rules: Rules, ndim: int = 2) -> NamedSharding:

@@ -122,12 +122,8 @@ class Silo:
         )
         abstract_opt = jax.eval_shape(self.tx.init, self.abstract_params)
         replicated = NamedSharding(self.mesh, P())
-        self.opt_shardings = optax.tree_map_params(
-            self.tx,
-            lambda _, s: s,
-            abstract_opt,
-            self.param_shardings,
-            transform_non_params=lambda _: replicated,
+        self.opt_shardings = sharding_lib.optimizer_shardings(
+            self.tx, abstract_opt, self.param_shardings, self.mesh
         )
         self.state_shardings = TrainState(
             step=replicated, params=self.param_shardings, opt_state=self.opt_shardings
@@ -172,11 +168,7 @@ class Silo:
             return fn(rng)
 
     def abstract_state_with_shardings(self) -> TrainState:
-        return jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-            self.abstract_state,
-            self.state_shardings,
-        )
+        return sharding_lib.with_shardings(self.abstract_state, self.state_shardings)
 
     def train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         fn = self._jit(
