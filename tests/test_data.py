@@ -171,22 +171,21 @@ def test_prepare_rebuilds_when_settings_change(tmp_path, inputs):
     assert not data.prepare(cfg, log=lambda _: None).rebuilt
 
 
-def test_failed_prepare_leaves_no_corpus_json(tmp_path, inputs, monkeypatch):
+def test_failed_rebuild_keeps_the_previous_corpus(tmp_path, inputs, monkeypatch):
     good = _config(tmp_path, [f"folder:{inputs['folder']}", f"jsonl:{inputs['jsonl']}"], vocab_size=400)
     data.prepare(good, log=lambda _: None)
-    assert (tmp_path / "corpus.json").exists()
+    before = (tmp_path / "corpus.json").read_bytes()
 
-    # A rebuild that dies half-way (after the sources, in tokenizer training) must not
-    # leave the old corpus.json, nor write a new one.
+    # A rebuild that dies half-way (after the sources, in tokenizer training) neither damages
+    # the previous corpus nor writes a new corpus.json.
     def boom(*args, **kwargs):
         raise RuntimeError("killed mid-way")
 
     monkeypatch.setattr("fedjax_lm.data.build.train_tokenizer", boom)
     with pytest.raises(RuntimeError, match="killed mid-way"):
         data.prepare(_config(tmp_path, good.sources, vocab_size=401), log=lambda _: None)
-    assert not (tmp_path / "corpus.json").exists()
-    with pytest.raises(FileNotFoundError, match="python -m fedjax_lm prepare"):
-        data.Corpus.load(tmp_path)
+    assert (tmp_path / "corpus.json").read_bytes() == before
+    assert data.Corpus.load(tmp_path).vocab_size == 400
 
 
 def test_bad_record_midway_leaves_no_corpus_json(tmp_path, inputs):

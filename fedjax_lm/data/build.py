@@ -6,6 +6,10 @@ Layout under data_cfg.corpus_dir:
   silos/<silo>/train.bin     flat uint16 (uint32 if vocab > 65535) token ids,
   silos/<silo>/val.bin       EOS after every document; read with np.memmap
   corpus.json                written last, by atomic rename: its presence means complete
+  .prepare.lock              one builder at a time
+
+A rebuild happens in .prepare-new/ beside them and is swapped in only once complete
+(swap.py), so a failed or interrupted rebuild leaves the previous corpus as it was.
 """
 
 from __future__ import annotations
@@ -26,14 +30,14 @@ import numpy as np
 
 from fedjax_lm.data import config as config_lib
 from fedjax_lm.data import partition as partition_lib
-from fedjax_lm.data import sampling
+from fedjax_lm.data import integrity, sampling, swap
 from fedjax_lm.data.atomic import write_atomic
 from fedjax_lm.data.errors import DataError
 from fedjax_lm.data.sources import make_source
 from fedjax_lm.data.tokenizer import Tokenizer, train_tokenizer
 
-CORPUS_JSON = "corpus.json"
-TOKENIZER_FILE = "tokenizer.model"
+CORPUS_JSON = swap.CORPUS_JSON
+TOKENIZER_FILE = swap.TOKENIZER_FILE
 _ENCODE_CHUNK = 512  # documents per SentencePiece batch
 _print = functools.partial(print, flush=True)
 
@@ -154,56 +158,101 @@ def _join(pieces: list[np.ndarray], eos: int, dtype: np.dtype) -> np.ndarray:
     return np.concatenate([x for p in pieces for x in (p, eos_arr)] or [np.zeros(0, dtype)])
 
 
-def _up_to_date(info_path: pathlib.Path, key: str) -> dict | None:
-    if info_path.exists():
-        info = json.loads(info_path.read_text(encoding="utf-8"))
-        if info.get("settings_hash") == key:
-            return info
-    return None
+def _up_to_date(corpus_dir: pathlib.Path, key: str) -> tuple[dict | None, str | None]:
+    """(corpus.json, None) if the corpus is complete, undamaged and built from `key`; else (None, why)."""
+    info_path = corpus_dir / CORPUS_JSON
+    try:
+        info = integrity.parse_corpus_json(info_path, info_path.read_bytes())
+        if info.get("settings_hash") != key:
+            return None, "was built from other settings"
+        integrity.check_files(corpus_dir, info)
+        for silo in info["silos"]:
+            for split in integrity.SPLITS:
+                integrity.open_tokens(corpus_dir, info, silo, split)  # ids < vocab; once per process
+    except FileNotFoundError:
+        return None, None
+    except (OSError, DataError) as e:
+        return None, f"is damaged ({str(e).removesuffix('; ' + integrity.REBUILD)})"
+    return info, None
 
 
 @contextlib.contextmanager
-def _lock(corpus_dir: pathlib.Path):
-    """One builder per corpus_dir at a time (several silo processes may start at once)."""
+def _lock(corpus_dir: pathlib.Path, blocking: bool = True):
+    """One builder per corpus_dir at a time (several silo processes may start at once).
+
+    Yields whether the lock is held (always True when blocking).
+    """
     corpus_dir.mkdir(parents=True, exist_ok=True)
     with open(corpus_dir / ".prepare.lock", "w", encoding="utf-8") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
         try:
-            yield
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def prepare(data_cfg: Any, *, log: Callable[[str], None] = _print) -> CorpusInfo:
+def prepare(data_cfg: Any, *, log: Callable[[str], None] = _print, repair: bool = True) -> CorpusInfo:
     """Builds the corpus described by data_cfg, or returns at once if it is built.
 
     "Built" means corpus.json exists and records the hash of the same settings
     (config.settings: sources, caps, vocab, split, partition, seed, format version).
     User folders and files are not re-read to detect edits: change a setting, or
-    delete corpus.json, to rebuild.
+    delete corpus.json, to rebuild. A damaged corpus (corpus.json unreadable, a token
+    file missing, of the wrong size or holding ids >= vocab_size) is rebuilt, or with
+    `repair=False` (what `train` and the silos use) reported as a DataError naming the file,
+    nothing deleted and nothing downloaded.
+
+    The build happens in a staging folder and is swapped in when complete: if it fails
+    (or is interrupted), the previous corpus is left byte for byte as it was and the
+    error propagates. What a crash leaves is finished or undone by the next prepare.
     """
     s = config_lib.settings(data_cfg)
     key = config_lib.settings_hash(s)
     corpus_dir = pathlib.Path(config_lib.field(data_cfg, "corpus_dir")).expanduser()
-    info_path = corpus_dir / CORPUS_JSON
-    if (info := _up_to_date(info_path, key)) is not None:
-        log(f"corpus at {corpus_dir} is up to date ({len(info['silos'])} silos)")
-        return CorpusInfo(corpus_dir, info, rebuilt=False)
+    if swap.leftovers(corpus_dir):
+        with _lock(corpus_dir, blocking=False) as held:
+            if held:  # no prepare is running: what is there was left by a crash
+                swap.recover(corpus_dir, log)
+    if not swap.swap_pending(corpus_dir):
+        info, why = _up_to_date(corpus_dir, key)
+        if why and why.startswith("is damaged") and not repair:
+            raise DataError(f"the corpus at {corpus_dir} {why}; {integrity.REBUILD}")
+        if info is not None:
+            log(f"corpus at {corpus_dir} is up to date ({len(info['silos'])} silos)")
+            return CorpusInfo(corpus_dir, info, rebuilt=False)
     _check_settings(s)
     with _lock(corpus_dir):
-        if (info := _up_to_date(info_path, key)) is not None:  # built while we waited
+        swap.recover(corpus_dir, log)
+        info, why = _up_to_date(corpus_dir, key)
+        if info is not None:  # built while we waited
             return CorpusInfo(corpus_dir, info, rebuilt=False)
-        if info_path.exists():
-            log(f"corpus at {corpus_dir} was built from other settings: rebuilding")
-        return _build(s, key, corpus_dir, log)
+        if why:
+            log(f"corpus at {corpus_dir} {why}: rebuilding")
+        try:
+            info = _build(s, key, corpus_dir, swap.staging_dir(corpus_dir), log)
+            swap.commit(corpus_dir)
+        except BaseException:
+            # The old corpus is untouched unless the swap had begun; then finish it (the
+            # new build is complete). Either way no staging folder stays behind.
+            try:
+                swap.recover(corpus_dir, log if swap.swap_pending(corpus_dir) else lambda _: None)
+            except Exception:  # pylint: disable=broad-except
+                pass  # the next prepare recovers; the first error is the one to report
+            raise
+        log(f"corpus ready at {corpus_dir}: {len(info['silos'])} silos [{info['prepare_seconds']:.1f}s]")
+        return CorpusInfo(corpus_dir, info, rebuilt=True)
 
 
-def _build(s: dict, key: str, corpus_dir: pathlib.Path, log) -> CorpusInfo:
+def _build(s: dict, key: str, corpus_dir: pathlib.Path, staged: pathlib.Path, log) -> dict:
+    """Builds the corpus into `staged` (corpus.json last); downloads go to corpus_dir/raw."""
     t_start = time.time()
-    info_path = corpus_dir / CORPUS_JSON
-    # From here on the old corpus is invalid: it must not look complete.
-    info_path.unlink(missing_ok=True)
-    shutil.rmtree(corpus_dir / "silos", ignore_errors=True)
+    if staged.exists():
+        shutil.rmtree(staged)
+    staged.mkdir(parents=True)
 
     metas, kept_docs = _load_sources(s, corpus_dir / "raw", log)
     names = [m["name"] for m in metas]
@@ -216,7 +265,7 @@ def _build(s: dict, key: str, corpus_dir: pathlib.Path, log) -> CorpusInfo:
         )
         sample.extend(docs[i] for i in idx)
     t0 = time.time()
-    tok_path = corpus_dir / TOKENIZER_FILE
+    tok_path = staged / TOKENIZER_FILE
     train_tokenizer(sample, s["vocab_size"], tok_path)
     tok = Tokenizer(tok_path)
     log(
@@ -251,7 +300,7 @@ def _build(s: dict, key: str, corpus_dir: pathlib.Path, log) -> CorpusInfo:
             val_parts = [t for t, v in zip(tokens, is_val) if v]
         splits = {"train": _join(train_parts, tok.eos_id, dtype), "val": _join(val_parts, tok.eos_id, dtype)}
         for split, arr in splits.items():
-            write_atomic(corpus_dir / "silos" / silo / f"{split}.bin", arr.tobytes())
+            write_atomic(staged / swap.SILOS_DIR / silo / f"{split}.bin", arr.tobytes())
         silo_bytes = int(sizes[idx].sum())
         mix = np.bincount(source_ids[idx], weights=sizes[idx], minlength=len(names)) / silo_bytes
         silo_info[silo] = {
@@ -292,6 +341,7 @@ def _build(s: dict, key: str, corpus_dir: pathlib.Path, log) -> CorpusInfo:
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "prepare_seconds": round(time.time() - t_start, 2),
     }
-    write_atomic(info_path, json.dumps(info, indent=2, ensure_ascii=False).encode("utf-8"))
-    log(f"corpus ready at {corpus_dir}: {len(silos)} silos [{time.time() - t_start:.1f}s]")
-    return CorpusInfo(corpus_dir, info, rebuilt=True)
+    swap.fsync_tree(staged)  # every artefact durable before corpus.json says the build is complete
+    write_atomic(staged / CORPUS_JSON, json.dumps(info, indent=2, ensure_ascii=False).encode("utf-8"))
+    swap.fsync_dir(staged)
+    return info
