@@ -19,7 +19,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fedjax_lm import config as config_lib  # noqa: E402
-from fedjax_lm import federation  # noqa: E402
+from fedjax_lm import simulation  # noqa: E402
 from fedjax_lm import monitor  # noqa: E402
 from fedjax_lm import train  # noqa: E402
 
@@ -124,7 +124,7 @@ def main() -> None:
         if os.path.exists(os.path.join(wd, "summary.json")):
             summary = json.load(open(os.path.join(wd, "summary.json")))
         elif cfg.get("federation") is not None:
-            summary = federation.train(cfg, wd)
+            summary = simulation.train(cfg, wd)
             summary.pop("server", None)
         else:
             summary = train.train(cfg, wd)

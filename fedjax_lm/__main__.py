@@ -1,4 +1,4 @@
-"""`python -m fedjax_lm <verb> [flags]`: see fedjax_lm/cli.py."""
+"""`python -m fedjax_lm <verb> [flags]`; `python -m fedjax_lm <verb> --help` lists a verb's flags."""
 
 import os
 import sys

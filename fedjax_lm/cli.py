@@ -1,176 +1,218 @@
 """Command line: `python -m fedjax_lm <verb> --config path.py:variant [--config.x.y=v] [flags]`.
 
-Verbs:
-  prepare   build the default corpus (or the config's sources): tokenizer + per-silo token files
-  train     centralized training (experiments/centralized.py) or, for configs with a
-            `federation` section, a one-process federated simulation
-  compile   lower and compile the train step for a mesh without running it; prints memory
-  eval      validation perplexity of the latest checkpoint in --workdir
-  export    write the latest checkpoint as a Hugging Face Llama model (--out DIR)
-  aggregate the aggregator process of a cross-silo deployment (--store ROOT --workdir DIR)
-  silo      one silo process of a cross-silo deployment (--store ROOT --silo NAME)
+`python -m fedjax_lm VERB --help` lists a verb's flags with an example. Errors a user can
+cause (a bad config value, a missing or corrupt corpus, a workdir started with another
+config) print one line naming the field or file and exit 1; `-v 1` shows the traceback.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-VERBS = ("prepare", "train", "compile", "eval", "export", "aggregate", "silo")
-
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. experiments/centralized.py:size=tiny", accept_new_attributes=False
 )
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (checkpoints, metrics, summary.json)")
-_MESH = flags.DEFINE_string("mesh", None, "compile: mesh as data,fsdp,tensor (e.g. 1,8,1)")
-_BATCH = flags.DEFINE_integer(
-    "batch_size", None, "compile: global batch size (default: config.train.batch_size)"
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (run.json, checkpoints, metrics, summary.json)")
+_ALLOW = flags.DEFINE_boolean(
+    "allow_config_change", False, "Resume a workdir (or store) although its config differs from --config"
 )
-_OUT = flags.DEFINE_string("out", None, "export: output folder")
-_STORE = flags.DEFINE_string("store", None, "aggregate/silo: the store root (path, gs://, s3://)")
-_SILO = flags.DEFINE_string("silo", None, "silo: this silo's name")
+_MESH = flags.DEFINE_string("mesh", None, "Mesh as data,fsdp,tensor (e.g. 1,8,1)")
+_BATCH = flags.DEFINE_integer("batch_size", None, "Global batch size (default: config.train.batch_size)")
+_OUT = flags.DEFINE_string("out", None, "Output folder of the Hugging Face model")
+_STORE = flags.DEFINE_string("store", None, "The store root (local path, gs://, s3://)")
+_SILO = flags.DEFINE_string("silo", None, "This silo's name")
+_PROMPT = flags.DEFINE_string("prompt", None, "Text to continue")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "Sampling temperature (0: greedy)")
+_TOP_K = flags.DEFINE_integer("top_k", 40, "Sample among the k most likely tokens (0: all)")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed")
+
+
+@dataclasses.dataclass(frozen=True)
+class Verb:
+    summary: str
+    flags: tuple[str, ...]
+    example: str
+    needs_config: bool = True  # False: taken from WORKDIR/run.json when --config is not given
+
+
+VERBS = {
+    "prepare": Verb(
+        "build the corpus (tokenizer + per-silo token files); `train` does it when needed",
+        ("config",),
+        "python -m fedjax_lm prepare --config experiments/photon.py",
+    ),
+    "train": Verb(
+        "centralized training, or a one-process federation for configs with a `federation` section",
+        ("config", "workdir", "allow_config_change"),
+        "python -m fedjax_lm train --config experiments/photon.py:size=tiny,silos=8 --workdir runs/photon",
+    ),
+    "eval": Verb(
+        "validation perplexity per silo of the latest model in a workdir (any run kind)",
+        ("workdir", "config"),
+        "python -m fedjax_lm eval --workdir runs/photon",
+        needs_config=False,
+    ),
+    "generate": Verb(
+        "sample text from the latest model in a workdir with the run's tokenizer",
+        ("workdir", "prompt", "max_new_tokens", "temperature", "top_k", "seed", "config"),
+        'python -m fedjax_lm generate --workdir runs/photon --prompt "The Lord said"',
+        needs_config=False,
+    ),
+    "export": Verb(
+        "write the latest model of a workdir as a Hugging Face Llama model, tokenizer included",
+        ("workdir", "out", "config"),
+        "python -m fedjax_lm export --workdir runs/photon --out runs/photon-hf",
+        needs_config=False,
+    ),
+    "compile": Verb(
+        "lower and compile the train step for a mesh without running it; prints memory per device",
+        ("config", "mesh", "batch_size"),
+        "python -m fedjax_lm compile --config experiments/centralized.py:size=1.3b --mesh 1,8,1",
+    ),
+    "aggregate": Verb(
+        "the aggregator process of a cross-silo deployment",
+        ("config", "store", "workdir", "allow_config_change"),
+        "python -m fedjax_lm aggregate --config experiments/photon.py:size=tiny --store runs/store --workdir runs/agg",
+    ),
+    "silo": Verb(
+        "one silo process of a cross-silo deployment",
+        ("config", "store", "silo"),
+        "python -m fedjax_lm silo --config experiments/photon.py:size=tiny --store runs/store --silo quotes-en",
+    ),
+}
+
+
+def usage() -> str:
+    lines = [
+        "usage: python -m fedjax_lm <verb> [flags]   (python -m fedjax_lm <verb> --help for its flags)",
+        "",
+    ]
+    lines += [f"  {name:<10} {v.summary}" for name, v in VERBS.items()]
+    return "\n".join(lines)
+
+
+def verb_help(name: str) -> str:
+    v = VERBS[name]
+    lines = [f"python -m fedjax_lm {name}: {v.summary}", "", "flags:"]
+    for f in v.flags:
+        flag = flags.FLAGS[f]
+        default = "" if flag.default in (None, False, "") else f" (default {flag.default})"
+        optional = " (default: the workdir's run.json)" if f == "config" and not v.needs_config else ""
+        lines.append(f"  --{f:<22} {flag.help}{default}{optional}")
+    lines += [
+        "  --config.FIELD=VALUE     override one config field",
+        "  -v 1                     tracebacks and library logs",
+    ]
+    lines += ["", "example:", f"  {v.example}"]
+    return "\n".join(lines)
 
 
 def _require(flag, name: str, verb: str):
     if flag.value is None:
-        raise app.UsageError(f"`{verb}` needs --{name}")
+        raise app.UsageError(f"`{verb}` needs --{name} (python -m fedjax_lm {verb} --help)")
     return flag.value
 
 
 def _cmd_prepare(config) -> None:
     from fedjax_lm import data as data_lib
-    from fedjax_lm import train
+    from fedjax_lm.data import select
 
-    info = data_lib.prepare(config.data)
+    data_lib.prepare(config.data)
     corpus = data_lib.Corpus.load(config.data.corpus_dir)
-    del info
     print(f"corpus ready at {config.data.corpus_dir}: {len(corpus.silos)} silos, vocab {corpus.vocab_size}")
     print(
-        "silos: " + " ".join(train.active_silos(config, corpus))
+        "silos: " + " ".join(select.active_silos(config, corpus))
     )  # last line: read by launch/local_federation.sh
 
 
 def _cmd_train(config) -> None:
     workdir = _require(_WORKDIR, "workdir", "train")
-    if "federation" in config and config.federation is not None:
-        from fedjax_lm import federation
+    if config.get("federation") is not None:
+        from fedjax_lm import simulation
 
-        federation.train(config, workdir)
+        simulation.train(config, workdir, allow_config_change=_ALLOW.value)
     else:
         from fedjax_lm import train
 
-        train.train(config, workdir)
+        train.train(config, workdir, allow_config_change=_ALLOW.value)
 
 
 def _cmd_compile(config) -> None:
-    import jax
+    from fedjax_lm import compile_report
 
-    from fedjax_lm import model as model_lib
-    from fedjax_lm import monitor
-    from fedjax_lm import train
-
-    if _MESH.value:
-        try:
-            d, f, t = (int(x) for x in _MESH.value.split(","))
-        except ValueError:
-            raise app.UsageError(
-                f"--mesh must be data,fsdp,tensor (three integers), got {_MESH.value!r}"
-            ) from None
-        config.mesh.update(dict(data=d, fsdp=f, tensor=t))
-    silo = train.build_silo(config, total_steps=int(config.train.steps))
-    batch = _BATCH.value or int(config.train.batch_size)
-    seq = int(config.train.seq_len)
-    lowered, compiled = silo.compile_train_step(batch, seq)
-    mem = compiled.memory_analysis()
-    n = model_lib.param_count(silo.model_config)
-    print(f"model: {n:,} params, {model_lib.flops_per_token(silo.model_config, seq):.3e} train FLOPs/token")
-    print(
-        f"mesh: {dict(silo.mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} devices; batch {batch}x{seq}"
-    )
-    if mem is not None:
-        fields = (
-            "argument_size_in_bytes",
-            "output_size_in_bytes",
-            "temp_size_in_bytes",
-            "alias_size_in_bytes",
-            "generated_code_size_in_bytes",
-        )
-        for f in fields:
-            v = getattr(mem, f, None)
-            if v is not None:
-                print(f"per-device {f.replace('_in_bytes', '')}: {monitor.human_bytes(v)}")
-        total = (
-            mem.argument_size_in_bytes
-            + mem.output_size_in_bytes
-            + mem.temp_size_in_bytes
-            - mem.alias_size_in_bytes
-        )
-        print(f"per-device peak estimate: {monitor.human_bytes(total)}")
-    cost = compiled.cost_analysis()
-    if cost:
-        c = cost[0] if isinstance(cost, list) else cost
-        if "flops" in c:
-            print(f"XLA cost analysis: {c['flops']:.3e} FLOPs per step per device")
-
-
-def _load_latest(config, workdir: str):
-    from fedjax_lm import checkpoint as ckpt_lib
-    from fedjax_lm import train
-
-    silo = train.build_silo(config, total_steps=int(config.train.steps))
-    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
-    step = ckpt.latest_step()
-    if step is None:
-        raise app.UsageError(f"no checkpoint under {workdir}/checkpoints")
-    state, _ = ckpt.restore(step, silo.abstract_state_with_shardings())
-    ckpt.close()
-    return silo, state, step
+    print(compile_report.report(config, batch_size=_BATCH.value))
 
 
 def _cmd_eval(config) -> None:
     from fedjax_lm import evaluate as eval_lib
-    from fedjax_lm import train
+    from fedjax_lm import runs
+    from fedjax_lm.data import select
 
     workdir = _require(_WORKDIR, "workdir", "eval")
-    corpus = train.ensure_corpus(config.data)
-    silo, state, step = _load_latest(config, workdir)
+    silo, params, what = runs.load_params(config, workdir)
+    corpus = select.ensure_corpus(config.data)
     sets = eval_lib.eval_sets(
         corpus,
-        train.active_silos(config, corpus),
+        select.active_silos(config, corpus),
         seq_len=int(config.train.seq_len),
         batch_size=int(config.train.batch_size),
         max_batches=int(config.train.eval_batches),
     )
-    result = eval_lib.evaluate(silo, state.params, sets)
-    print(f"step {step}")
-    print(eval_lib.format_table(result))
+    print(f"model: {what}")
+    print(eval_lib.format_table(eval_lib.evaluate(silo, params, sets)))
+
+
+def _tokenizer_path(config) -> str:
+    return os.path.join(config.data.corpus_dir, "tokenizer.model")
+
+
+def _cmd_generate(config) -> None:
+    from fedjax_lm import generate
+    from fedjax_lm import runs
+    from fedjax_lm.data import Tokenizer
+
+    workdir = _require(_WORKDIR, "workdir", "generate")
+    prompt = _require(_PROMPT, "prompt", "generate")
+    tok_path = _tokenizer_path(config)
+    if not os.path.exists(tok_path):
+        raise FileNotFoundError(f"no tokenizer at {tok_path}: the run's corpus is gone; run `prepare` again")
+    silo, params, what = runs.load_params(config, workdir)
+    text = generate.generate_text(
+        silo.model_config,
+        params,
+        Tokenizer(tok_path),
+        prompt,
+        max_new_tokens=_MAX_NEW.value,
+        temperature=_TEMPERATURE.value,
+        top_k=_TOP_K.value,
+        seed=_SEED.value,
+        rules=silo.rules,
+        mesh=silo.mesh,
+    )
+    print(f"model: {what}", file=sys.stderr)
+    print(prompt + text)
 
 
 def _cmd_export(config) -> None:
     import jax
 
     from fedjax_lm import export
+    from fedjax_lm import runs
 
     workdir = _require(_WORKDIR, "workdir", "export")
     out = _require(_OUT, "out", "export")
-    silo, state, step = _load_latest(config, workdir)
-    tok = os.path.join(config.data.corpus_dir, "tokenizer.model")
-    export.export_hf_llama(
-        jax.device_get(state.params),
-        silo.model_config,
-        out,
-        tokenizer_path=tok if os.path.exists(tok) else None,
-    )
-    print(f"exported step {step} to {out} (Hugging Face Llama format)")
-
-
-class _QuietLibraries:
-    """Drops Orbax's routine warnings (e.g. skipped OCDBT merges on one host); errors still show."""
-
-    def filter(self, record) -> bool:
-        return record.levelno >= 40 or "orbax" not in record.pathname
+    silo, params, what = runs.load_params(config, workdir)
+    tok = _tokenizer_path(config)
+    if not os.path.exists(tok):
+        raise FileNotFoundError(f"no tokenizer at {tok}: the run's corpus is gone; run `prepare` again")
+    export.export_hf_llama(jax.device_get(params), silo.model_config, out, tokenizer_path=tok)
+    print(f"exported {what} to {out} (Hugging Face Llama format, tokenizer.model beside the weights)")
 
 
 def _store_root(config) -> str:
@@ -183,7 +225,8 @@ def _store_root(config) -> str:
 def _cmd_aggregate(config) -> None:
     from fedjax_lm import deploy
 
-    deploy.Aggregator(config, _store_root(config), _require(_WORKDIR, "workdir", "aggregate")).run()
+    workdir = _require(_WORKDIR, "workdir", "aggregate")
+    deploy.Aggregator(config, _store_root(config), workdir, allow_config_change=_ALLOW.value).run()
 
 
 def _cmd_silo(config) -> None:
@@ -192,36 +235,96 @@ def _cmd_silo(config) -> None:
     deploy.SiloWorker(config, _store_root(config), _require(_SILO, "silo", "silo")).run()
 
 
+class _QuietLibraries:
+    """Drops Orbax's routine warnings (e.g. skipped OCDBT merges on one host); errors still show."""
+
+    def filter(self, record) -> bool:
+        return record.levelno >= 40 or "orbax" not in record.pathname
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from fedjax_lm import runs
+    from fedjax_lm.data import DataError
+    from fedjax_lm.store import LockHeld
+
+    return (ValueError, KeyError, OSError, TimeoutError, DataError, LockHeld, runs.NonFiniteLossError)
+
+
+def _load_config(verb: str):
+    config = _CONFIG.value
+    if config is None and not VERBS[verb].needs_config and _WORKDIR.value:
+        from fedjax_lm import runs
+
+        config = runs.config_of(_WORKDIR.value)
+    if config is None:
+        raise app.UsageError(
+            f"`{verb}` needs --config FILE[:VARIANT], e.g. --config experiments/photon.py:size=tiny "
+            f"(python -m fedjax_lm {verb} --help)"
+        )
+    if verb == "compile" and _MESH.value:
+        try:
+            d, f, t = (int(x) for x in _MESH.value.split(","))
+        except ValueError:
+            raise app.UsageError(
+                f"--mesh must be data,fsdp,tensor (three integers), got {_MESH.value!r}"
+            ) from None
+        config.mesh.update(dict(data=d, fsdp=f, tensor=t))
+    if verb != "prepare":
+        from fedjax_lm import config as config_lib
+
+        config_lib.validate(config)
+    return config
+
+
 def _main(argv: list[str]) -> None:
     if len(argv) < 2 or argv[1] not in VERBS:
-        raise app.UsageError(
-            f"usage: python -m fedjax_lm <{'|'.join(VERBS)}> --config FILE[:VARIANT] [flags]"
-        )
+        raise app.UsageError(usage())
     if len(argv) > 2:
         raise app.UsageError(f"unexpected arguments: {argv[2:]}")
-    from fedjax_lm import sharding
-
-    if not flags.FLAGS["verbosity"].present:
+    verb = argv[1]
+    verbose = flags.FLAGS["verbosity"].present
+    if not verbose:
         logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO; -v 0 brings it back
         logging.get_absl_handler().addFilter(_QuietLibraries())
-    sharding.maybe_initialize_distributed()
-    config = _CONFIG.value
-    if config is None:
-        raise app.UsageError("--config is required, e.g. --config experiments/centralized.py:size=tiny")
-    verb = argv[1]
-    {
-        "prepare": _cmd_prepare,
-        "train": _cmd_train,
-        "compile": _cmd_compile,
-        "eval": _cmd_eval,
-        "export": _cmd_export,
-        "aggregate": _cmd_aggregate,
-        "silo": _cmd_silo,
-    }[verb](config)
+    try:
+        from fedjax_lm import sharding
+
+        sharding.maybe_initialize_distributed()
+        config = _load_config(verb)
+        globals()[f"_cmd_{verb}"](config)
+    except _user_errors() as e:
+        if verbose:
+            raise
+        message = str(e) if not isinstance(e, KeyError) else f"no such field {e}"
+        print(f"fedjax_lm {verb}: error: {message}  (-v 1 shows the traceback)", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
-def main() -> None:
-    app.run(_main)
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv if argv is None else argv)
+    if len(argv) >= 2 and argv[1] in ("-h", "--help", "help"):
+        print(usage())
+        sys.exit(0)
+    if len(argv) >= 2 and argv[1] in VERBS and any(a in ("-h", "--help", "--helpshort") for a in argv[2:]):
+        print(verb_help(argv[1]))
+        sys.exit(0)
+    app.run(_main, argv=argv, flags_parser=_parse_flags)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's parser, with a bad flag or config variant reported in one line like other errors."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        verb = argv[1] if len(argv) > 1 and argv[1] in VERBS else "usage"
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        if "-v" not in argv and any(line.startswith("Traceback") for line in lines):
+            lines = [lines[0].removesuffix(":"), lines[-1]]  # the config file's own error, not its frames
+        print(
+            f"fedjax_lm {verb}: error: {': '.join(lines)}  (python -m fedjax_lm {verb} --help)",
+            file=sys.stderr,
+        )
+        sys.exit(1)
 
 
 if __name__ == "__main__":

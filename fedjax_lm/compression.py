@@ -50,9 +50,7 @@ state are placed back with the template's / input's sharding. Under Auto axes XL
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -238,39 +236,3 @@ def payload_nbytes(payload: PyTree) -> int:
 def raw_nbytes(delta: PyTree) -> int:
     """Bytes of the uncompressed delta as given (f32: 4 per element)."""
     return sum(_nbytes(x) for x in jax.tree.leaves(delta))
-
-
-# ------------------------------------------------------------------ aggregation of payloads
-
-
-def running_fractions(weights: Sequence[float]) -> list[np.float32]:
-    """w_k / W_k with W_k the f32 running total: the factors of the running mean, host-side.
-
-    Both aggregation paths (in memory and streamed from the store) use these exact factors
-    and `fold_into_mean`, so they produce bit-identical means.
-    """
-    total = np.float32(0.0)
-    out = []
-    for w in weights:
-        total, frac = next_fraction(total, w)
-        out.append(frac)
-    return out
-
-
-def next_fraction(total: np.float32, weight: float) -> tuple[np.float32, np.float32]:
-    """One step of `running_fractions`: (new f32 total, w / new total)."""
-    w32 = np.float32(weight)
-    total = np.float32(total + w32)
-    return total, (np.float32(w32 / total) if total > 0 else np.float32(0.0))
-
-
-@functools.partial(jax.jit, donate_argnums=0)
-def fold_into_mean(mean: jax.Array, payload_leaf: dict[str, jax.Array], frac: jax.Array) -> jax.Array:
-    """mean + frac · (decode(payload_leaf) − mean), decoding fused into one kernel."""
-    if set(payload_leaf) == {"x"}:
-        x = payload_leaf["x"].astype(jnp.float32)
-    else:
-        q, scale = payload_leaf["q"], payload_leaf["scale"]
-        x = q.astype(jnp.float32) * scale.astype(jnp.float32)[:, None]
-        x = x.reshape(-1)[: mean.size].reshape(mean.shape)
-    return mean + frac * (x - mean)

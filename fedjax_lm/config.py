@@ -92,3 +92,55 @@ def apply_overrides(
             raise KeyError(f"config has no field {dotted!r}")
         node[parts[-1]] = value
     return config
+
+
+_SECTIONS = ("model", "data", "optim", "mesh", "sharding", "train")
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+    """Checks every section of a run config, before any corpus is built or downloaded.
+
+    Raises ValueError naming the field and what is expected. `num_devices` defaults to the
+    devices JAX sees (the mesh must fit them).
+    """
+    from fedjax_lm import model as model_lib
+    from fedjax_lm import optim
+    from fedjax_lm import sharding as sharding_lib
+
+    missing = [s for s in _SECTIONS if s not in config]
+    if missing:
+        raise ValueError(f"the config has no section(s) {missing}; a run config needs {list(_SECTIONS)}")
+    try:
+        model_cfg = model_lib.ModelConfig.from_dict(config.model)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"model: {e}") from None
+    optim.check_config(config.optim)
+    shape = dict(zip(sharding_lib.MESH_AXES, sharding_lib.mesh_shape(config.mesh, num_devices)))
+    sharding_lib.normalize_rules(config.sharding.rules)
+    t = config.train
+    for key in ("seq_len", "batch_size", "steps", "eval_batches", "keep_checkpoints", "log_every"):
+        if key in t and int(t[key]) < 1:
+            raise ValueError(f"train.{key} must be >= 1, got {t[key]}")
+    for key in ("eval_every", "checkpoint_every"):
+        if key in t and int(t[key]) < 0:
+            raise ValueError(f"train.{key} must be >= 0 (0: off), got {t[key]}")
+    if int(t.seq_len) > model_cfg.max_seq_len:
+        raise ValueError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}")
+    accum = int(config.optim.grad_accum)
+    if int(t.batch_size) % accum:
+        raise ValueError(f"train.batch_size={t.batch_size} is not divisible by optim.grad_accum={accum}")
+    shards = shape["data"] * shape["fsdp"]
+    if (int(t.batch_size) // accum) % shards:
+        raise ValueError(
+            f"train.batch_size={t.batch_size} (per micro-batch {int(t.batch_size) // accum}) does not split "
+            f"over the mesh's data x fsdp = {shards} devices; change mesh or batch size"
+        )
+    if int(config.data.vocab_size) != model_cfg.vocab_size:
+        raise ValueError(
+            f"data.vocab_size={config.data.vocab_size} (the tokenizer) differs from "
+            f"model.vocab_size={model_cfg.vocab_size}; set both to the same value"
+        )
+    if config.get("federation") is not None:
+        from fedjax_lm import federation
+
+        federation.check_config(config.federation)

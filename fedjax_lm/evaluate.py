@@ -38,6 +38,14 @@ def evaluate(
     return {"per_silo": per, "pooled": {"loss": pooled_loss, "ppl": math.exp(pooled_loss), "tokens": count}}
 
 
+def scalars(result: Mapping[str, Any]) -> dict[str, float]:
+    """The metrics row of an evaluation: pooled and per-silo perplexity."""
+    return {
+        "pooled_ppl": result["pooled"]["ppl"],
+        **{f"ppl/{k}": v["ppl"] for k, v in result["per_silo"].items()},
+    }
+
+
 def format_table(result: Mapping[str, Any]) -> str:
     rows = [f"{'silo':<14} {'val loss':>9} {'val ppl':>10}"]
     for name, r in result["per_silo"].items():

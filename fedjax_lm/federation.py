@@ -1,19 +1,23 @@
-"""The federated round, DiLoCo / Photon style, and the one-process simulation.
+"""The federated round, defined once for every driver.
 
-The algorithm has fedjax's shape:
+A `Federation` is built from a validated config and the names of its silos. It owns what
+a round is — H, the number of rounds, which silos a round samples, the inner schedule
+offset, the silo's private state (inner optimizer moments, error feedback) and how it is
+initialised and restored, the outer algorithm, the update bound and the round's metrics
+row — so the drivers around it differ only in their loop and their I/O:
 
-    algo = FederatedAlgorithm(...)
-    server = algo.init(params)                               # OuterState (+ shared inner moments)
-    server, diagnostics = algo.apply(server, silo_results)   # one outer step
+* `simulation` runs every silo and the aggregator in one process (sequential, or the
+  silo-parallel `vmap` of the same pure `client_round`);
+* `deploy` runs the aggregator and each silo as separate processes over a store.
 
-A silo's work in one round is one pure, jitted function, `client_round`:
-client_init (global params + its inner optimizer state), client_step (H local AdamW
-steps with `lax.scan`), client_final (pseudo-gradient Δ = θ_global − θ_local, compressed
-with error feedback). The silo-parallel simulation `jax.vmap`s the very same function
-over a leading silo axis sharded over the devices, so both paths compute the same thing.
+A silo's round is client_init (global params + its private state) → H local AdamW steps
+(`Silo.local_train`, jitted with shardings and donation, in chunks so progress can be
+reported between them) → client_final (Δ = θ_global − θ_local, compressed with error
+feedback). `client_round` is the same three pieces as one pure function.
 
-The aggregator keeps a running token-weighted mean of the decompressed Δ_k (one model
-in memory, whatever the number of silos) and applies the outer optimizer to it.
+The aggregating side is a *node*: `node_round` turns "my state + my children's updates"
+into "my new params, and (when I have a parent) my own update to it". A flat federation is
+the depth-1 tree whose root has no parent; a federation of federations (WorldLM) nests it.
 """
 
 from __future__ import annotations
@@ -21,9 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
-import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -32,17 +34,15 @@ import ml_collections
 import numpy as np
 import optax
 from flax import struct
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
-from fedjax_lm import checkpoint as ckpt_lib
 from fedjax_lm import compression
-from fedjax_lm import data as data_lib
-from fedjax_lm import evaluate as eval_lib
 from fedjax_lm import model as model_lib
 from fedjax_lm import monitor
 from fedjax_lm import outer
-from fedjax_lm import train as train_lib
-from fedjax_lm.silo import Silo, TrainState, local_train
+from fedjax_lm import sharding as sharding_lib
+from fedjax_lm import silo as silo_lib
+from fedjax_lm.silo import TrainState, local_train
 
 INNER_STATE_MODES = ("keep", "reset")
 _FIELDS = {
@@ -54,13 +54,17 @@ _FIELDS = {
     "compression",
     "block_size",
     "error_feedback",
+    "max_update_norm",
     "outer",
     "parallel",
     "sample_seed",
     "eval_every",
     "checkpoint_every",
+    "report_every",
     "deploy",
 }
+_DEPLOY_FIELDS = {"store", "deadline_s", "adaptive_deadline", "deadline_factor", "min_deadline_s", "quorum"}
+_DEPLOY_FIELDS |= {"poll_s"}
 
 
 def default_federation_config() -> ml_collections.ConfigDict:
@@ -74,11 +78,13 @@ def default_federation_config() -> ml_collections.ConfigDict:
             compression="int8",  # upload encoding of Δ: "none" | "bf16" | "int8"
             block_size=256,
             error_feedback=True,
+            max_update_norm=0.0,  # reject a pseudo-gradient whose global L2 norm exceeds this (0: off)
             outer=outer.default_outer_config("fedavg"),
-            parallel=False,  # train the K silos of a round in one vmapped program
+            parallel=False,  # simulation: train the K silos of a round in one vmapped program
             sample_seed=0,
             eval_every=0,  # rounds; 0 = only at the end
             checkpoint_every=1,  # rounds
+            report_every=0,  # local steps between progress reports; 0 = about 8 per round
             # Multi-process deployment (python -m fedjax_lm aggregate / silo) over a store.
             deploy=ml_collections.ConfigDict(
                 dict(
@@ -88,7 +94,6 @@ def default_federation_config() -> ml_collections.ConfigDict:
                     deadline_factor=2.0,
                     min_deadline_s=30.0,
                     quorum=1,
-                    max_update_norm=0.0,  # reject a pseudo-gradient whose global norm exceeds this (0: off)
                     poll_s=0.5,
                 )
             ),
@@ -96,16 +101,19 @@ def default_federation_config() -> ml_collections.ConfigDict:
     )
 
 
-def check_federation_config(fed: Mapping[str, Any], num_silos: int) -> None:
+def check_config(fed: Mapping[str, Any]) -> None:
+    """Every federation field, checked before anything is built; errors name the field."""
     unknown = set(fed) - _FIELDS
     if unknown:
-        raise ValueError(f"federation config has unknown fields {sorted(unknown)}; valid: {sorted(_FIELDS)}")
-    for key in ("rounds", "local_steps"):
+        raise ValueError(f"federation has unknown fields {sorted(unknown)}; valid: {sorted(_FIELDS)}")
+    for key in ("rounds", "local_steps", "block_size"):
         if int(fed[key]) < 1:
             raise ValueError(f"federation.{key} must be >= 1, got {fed[key]}")
-    k = int(fed["silos_per_round"])
-    if k < 0 or k > num_silos:
-        raise ValueError(f"federation.silos_per_round={k} but the corpus has {num_silos} silos")
+    for key in ("silos_per_round", "eval_every", "checkpoint_every", "report_every"):
+        if int(fed[key]) < 0:
+            raise ValueError(f"federation.{key} must be >= 0, got {fed[key]}")
+    if not float(fed["max_update_norm"]) >= 0:
+        raise ValueError(f"federation.max_update_norm must be >= 0 (0: off), got {fed['max_update_norm']}")
     if fed["inner_state"] not in INNER_STATE_MODES:
         raise ValueError(
             f"federation.inner_state must be one of {INNER_STATE_MODES}, got {fed['inner_state']!r}"
@@ -115,7 +123,30 @@ def check_federation_config(fed: Mapping[str, Any], num_silos: int) -> None:
             f"federation.compression must be one of {compression.METHODS}, got {fed['compression']!r}"
         )
     if fed["aggregate_inner_moments"] and fed["inner_state"] != "keep":
-        raise ValueError("federation.aggregate_inner_moments needs inner_state='keep'")
+        raise ValueError("federation.aggregate_inner_moments needs federation.inner_state='keep'")
+    try:
+        outer.make_outer_optimizer(fed["outer"])
+    except ValueError as e:
+        raise ValueError(f"federation.outer: {e}") from None
+    d = fed["deploy"]
+    unknown = set(d) - _DEPLOY_FIELDS
+    if unknown:
+        raise ValueError(
+            f"federation.deploy has unknown fields {sorted(unknown)}; valid: {sorted(_DEPLOY_FIELDS)}"
+        )
+    if int(d["quorum"]) < 1:
+        raise ValueError(f"federation.deploy.quorum must be >= 1, got {d['quorum']}")
+    for key in ("poll_s", "deadline_s", "min_deadline_s", "deadline_factor"):
+        if not float(d[key]) > 0:
+            raise ValueError(f"federation.deploy.{key} must be > 0, got {d[key]}")
+
+
+def check_silo_count(fed: Mapping[str, Any], num_silos: int) -> None:
+    if num_silos < 1:
+        raise ValueError("the federation has no silos: list some in train.silos or in data.sources")
+    k = int(fed["silos_per_round"])
+    if k > num_silos:
+        raise ValueError(f"federation.silos_per_round={k} but the federation has {num_silos} silos")
 
 
 def sample_silos(names: Sequence[str], k: int, seed: int, round_idx: int) -> list[str]:
@@ -127,6 +158,13 @@ def sample_silos(names: Sequence[str], k: int, seed: int, round_idx: int) -> lis
     return sorted(rng.choice(names, size=k, replace=False).tolist())
 
 
+def report_chunk(h: int, report_every: int = 0) -> int:
+    """Local steps per compiled chunk: a divisor of H (one program), about H/8 unless set."""
+    target = report_every or max(1, math.ceil(h / 8))
+    target = min(target, h)
+    return max(d for d in range(1, target + 1) if h % d == 0)
+
+
 # ---------------------------------------------------------------------------- client
 
 
@@ -135,403 +173,245 @@ class ClientOutput:
     payload: Any  # compressed Δ (what is uploaded)
     error: Any  # error-feedback residual kept by the silo
     opt_state: Any  # the silo's inner optimizer state after the round
-    metrics: dict[str, jax.Array]  # per local step: loss, grad_norm, tokens, lr
+    metrics: dict[str, Any]  # per local step: loss, grad_norm, tokens, lr
+
+
+def client_init(global_params, opt_state, step0, *, tx: optax.GradientTransformation, reset_opt: bool):
+    """The silo's starting state: fresh copies (the later steps donate their input buffers)."""
+    if reset_opt:
+        opt_state = tx.init(global_params)
+    params = jax.tree.map(jnp.copy, global_params)
+    return TrainState(step=step0, params=params, opt_state=jax.tree.map(jnp.copy, opt_state))
+
+
+def client_final(global_params, local_params, error, *, method: str, block_size: int):
+    """(payload, new error): Δ = θ_global − θ_local, compressed with error feedback."""
+    return compression.compress(outer.pseudo_gradient(global_params, local_params), error, method, block_size)
 
 
 def client_round(
-    global_params: Any,
-    opt_state: Any,
-    error: Any,
-    step0: jax.Array,
-    batches: Mapping[str, jax.Array],
-    *,
-    step_fn,
-    tx: optax.GradientTransformation,
-    method: str,
-    block_size: int,
-    reset_opt: bool,
+    global_params, opt_state, error, step0, batches, *, step_fn, tx, method, block_size, reset_opt
 ) -> ClientOutput:
-    """client_init -> H client steps -> client_final, as one pure function (jit or vmap it)."""
-    if reset_opt:
-        opt_state = tx.init(global_params)
-    state = TrainState(step=step0, params=global_params, opt_state=opt_state)
+    """client_init -> H client steps -> client_final as one pure function (vmap it over silos)."""
+    state = client_init(global_params, opt_state, step0, tx=tx, reset_opt=reset_opt)
     state, metrics = local_train(state, batches, step_fn=step_fn)
-    delta = outer.pseudo_gradient(global_params, state.params)
-    payload, new_error = compression.compress(delta, error, method, block_size)
+    payload, new_error = client_final(
+        global_params, state.params, error, method=method, block_size=block_size
+    )
     return ClientOutput(payload=payload, error=new_error, opt_state=state.opt_state, metrics=metrics)
 
 
-def make_client_fn(silo: Silo, fed: Mapping[str, Any]):
-    """`client_round` bound to a silo runtime and the federation config (jit or vmap it)."""
-    return functools.partial(
-        client_round,
-        step_fn=silo.step_fn,
-        tx=silo.tx,
-        method=fed["compression"],
-        block_size=int(fed["block_size"]),
-        reset_opt=fed["inner_state"] == "reset",
-    )
-
-
-def silo_iterator(corpus: "data_lib.Corpus", name: str, config: ml_collections.ConfigDict):
-    """A silo's training batches; the seed depends on the silo's index, the same in every process."""
-    return data_lib.train_iterator(
-        corpus,
-        [name],
-        seq_len=int(config.train.seq_len),
-        batch_size=int(config.train.batch_size),
-        seed=int(config.train.seed) * 1000 + corpus.silos.index(name),
-    )
-
-
-def next_batches(iterator, h: int) -> dict[str, np.ndarray]:
-    """H batches stacked to [H, B, L] for `local_train`."""
-    bs = [next(iterator) for _ in range(h)]
-    return {k: np.stack([b[k] for b in bs]) for k in bs[0]}
+# ---------------------------------------------------------------------------- node
 
 
 @dataclasses.dataclass
-class SiloPrivate:
-    """What a silo keeps to itself between rounds (in deployment: its own Orbax checkpoint)."""
-
-    opt_state: Any
-    error: Any
-    iterator: Any  # grain iterator with get_state / set_state
-
-
-# ---------------------------------------------------------------------------- server
+class NodeResult:
+    state: outer.OuterState  # the node's state after the outer step
+    weight: float  # the total weight of the children it aggregated (its own weight upward)
+    to_parent: Any  # compressed Δ_node = anchor − θ_node, or None at the root
+    error: Any  # the node's error-feedback residual toward its parent (or None)
+    diagnostics: dict[str, Any]
 
 
-class FederatedAlgorithm:
-    """init(params) -> server state; apply(server state, silo results) -> (server state, diagnostics)."""
+def node_round(
+    algo: outer.OuterAlgorithm,
+    state: outer.OuterState,
+    children: Iterable[tuple[Any, float]],
+    *,
+    anchor: Any = None,
+    error: Any = None,
+    method: str = "none",
+    block_size: int = compression.DEFAULT_BLOCK_SIZE,
+) -> NodeResult:
+    """One node's round: aggregate its children's (payload, weight), step, report upward.
 
-    def __init__(self, outer_cfg: Mapping[str, Any], method: str):
-        self.tx = outer.make_outer_optimizer(outer_cfg)
-        self.method = method
-        self._step = jax.jit(functools.partial(outer.outer_apply, tx=self.tx), donate_argnums=(0,))
-        self._stats = jax.jit(outer.delta_stats)
-
-    def init(self, params: Any) -> outer.OuterState:
-        return jax.jit(functools.partial(outer.outer_init, tx=self.tx))(params)
-
-    def apply(
-        self, server: outer.OuterState, results: Iterable[tuple[Any, float]]
-    ) -> tuple[outer.OuterState, dict[str, Any]]:
-        """`results` yields (payload, tokens) one silo at a time: memory stays one model.
-
-        The running token-weighted mean is folded leaf by leaf with `compression.fold_into_mean`
-        and host-side f32 factors, exactly as the store's streaming aggregation does, so the
-        one-process simulation and the multi-process deployment agree bit for bit.
-        """
-        mean = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32, device=p.sharding), server.params)
-        total, n = np.float32(0.0), 0
-        for payload, tokens in results:
-            total, frac = compression.next_fraction(total, tokens)
-            mean = jax.tree.map(lambda m, pl: compression.fold_into_mean(m, pl, frac), mean, payload)
-            n += 1
-        if not total > 0:
-            raise ValueError(f"the round has no update to aggregate ({n} silos, total weight {total})")
-        return self.step(server, mean, tokens=float(total), silos=n)
-
-    def step(
-        self, server: outer.OuterState, mean_delta: Any, **diag
-    ) -> tuple[outer.OuterState, dict[str, Any]]:
-        """The outer optimizer step on an aggregated mean pseudo-gradient."""
-        stats = {k: float(v) for k, v in self._stats(mean_delta).items()}
-        server = self._step(server, mean_delta)
-        return server, {**diag, **{f"delta_{k}": v for k, v in stats.items()}}
+    `anchor` is the params this node received from its parent at the start of the parent's
+    round; with it, the node's update to its parent is its own pseudo-gradient
+    `anchor − θ_node` (compressed like a silo's, with the node's error feedback) and its
+    weight the total weight of its children. The root has no anchor and returns None.
+    """
+    state, diag = algo.apply(state, children)
+    to_parent = new_error = None
+    if anchor is not None:
+        to_parent, new_error = client_final(anchor, state.params, error, method=method, block_size=block_size)
+    return NodeResult(state, float(diag["tokens"]), to_parent, new_error, diag)
 
 
-# ---------------------------------------------------------------------------- simulation
+# ---------------------------------------------------------------------------- federation
 
 
-class Simulation:
-    """N silos and one aggregator in one process: the same pure functions as deployment."""
+class Federation:
+    """What a round is, for every driver: built from a validated config and the silo names."""
 
-    def __init__(
-        self, config: ml_collections.ConfigDict, corpus: "data_lib.Corpus", mesh: Mesh | None = None
-    ):
+    def __init__(self, config: ml_collections.ConfigDict, names: Sequence[str], mesh: Mesh | None = None):
         fed = config.federation
-        self.names = train_lib.active_silos(config, corpus)
-        check_federation_config(fed, len(self.names))
-        self.config, self.fed, self.corpus = config, fed, corpus
-        self.H = int(fed.local_steps)
-        self.rounds = int(fed.rounds)
-        # The inner schedule runs over round * H + local step, whatever a silo's participation.
-        self.silo = train_lib.build_silo(config, total_steps=self.rounds * self.H, mesh=mesh)
-        self.algo = FederatedAlgorithm(fed.outer, fed.compression)
+        check_silo_count(fed, len(names))
+        self.config, self.fed, self.names = config, fed, sorted(names)
+        self.H, self.rounds = int(fed.local_steps), int(fed.rounds)
         self.seq_len, self.batch_size = int(config.train.seq_len), int(config.train.batch_size)
-        self._client = make_client_fn(self.silo, fed)
-        self._jit_seq = None
-        self._jit_par = None
+        # The inner schedule runs over round * H + local step, whatever a silo's participation.
+        self.silo = silo_lib.from_config(config, total_steps=self.rounds * self.H, mesh=mesh)
+        self.algo = outer.OuterAlgorithm(fed.outer)
+        self.keep_opt = fed.inner_state == "keep"
+        self.feedback = bool(fed.error_feedback)
+        self.method, self.block_size = str(fed.compression), int(fed.block_size)
+        self.max_norm = float(fed.max_update_norm) or None
+        self.chunk = report_chunk(self.H, int(fed.report_every))
+        s = self.silo
+        self._init = jax.jit(
+            s._with_rules(functools.partial(client_init, tx=s.tx, reset_opt=not self.keep_opt)),
+            out_shardings=s.state_shardings,
+        )
+        self._final = jax.jit(
+            functools.partial(client_final, method=self.method, block_size=self.block_size),
+            donate_argnums=(1,),  # the local params; the private error stays the caller's
+        )
+        self.abstract_params = sharding_lib.with_shardings(s.abstract_params, s.param_shardings)
+        abstract_opt = jax.eval_shape(self.algo.tx.init, s.abstract_params)
+        self.abstract_outer_opt = sharding_lib.with_shardings(
+            abstract_opt,
+            sharding_lib.optimizer_shardings(self.algo.tx, abstract_opt, s.param_shardings, s.mesh),
+        )
+        self.abstract_payload = jax.eval_shape(
+            lambda p: compression.compress(p, None, self.method, self.block_size)[0], s.abstract_params
+        )
+        self.param_bytes = compression.raw_nbytes(s.abstract_params)
+        like = self.abstract_params
+        self._payload_stats = jax.jit(lambda p: outer.delta_stats(compression.decompress(p, like)))
 
-    # -- state ---------------------------------------------------------------------------
-    def init(self, seed: int) -> tuple[outer.OuterState, dict[str, SiloPrivate]]:
-        state = self.silo.init_state(jax.random.key(seed))
-        server = self.algo.init(state.params)
-        privates = {}
-        for name in self.names:
-            it = silo_iterator(self.corpus, name, self.config)
-            privates[name] = SiloPrivate(
-                opt_state=self._fresh_opt(server.params) if self.fed.inner_state == "keep" else None,
-                error=self._zeros(server.params) if self.fed.error_feedback else None,
-                iterator=it,
-            )
-        return server, privates
+    # -- the round plan ----------------------------------------------------------------------
+    def sample(self, r: int) -> list[str]:
+        return sample_silos(self.names, int(self.fed.silos_per_round), int(self.fed.sample_seed), r)
 
-    def _fresh_opt(self, params):
-        return jax.jit(self.silo.tx.init, out_shardings=self.silo.opt_shardings)(params)
+    def step0(self, r: int) -> jax.Array:
+        return jnp.asarray(r * self.H, jnp.int32)
 
-    def _zeros(self, params):
-        return jax.jit(compression.init_error, out_shardings=self.silo.param_shardings)(params)
+    # -- state -------------------------------------------------------------------------------
+    def init_server(self, seed: int) -> outer.OuterState:
+        return self.algo.init(self.silo.init_state(jax.random.key(seed)).params)
 
-    # -- one round -------------------------------------------------------------------------
-    def run_clients(
+    def abstract_private(self) -> dict[str, Any]:
+        """What a silo saves between rounds (arrays only; the data position goes to JSON)."""
+        out: dict[str, Any] = {}
+        if self.keep_opt:
+            out["opt_state"] = self.silo.abstract_state_with_shardings().opt_state
+        if self.feedback:
+            out["error"] = self.abstract_params
+        return out
+
+    def fresh_private(self, params) -> dict[str, Any]:
+        """A silo's private state before its first round, placed as a restored one would be."""
+        return {
+            "opt_state": self.silo.fresh_opt_state(params) if self.keep_opt else None,
+            "error": self.silo.zeros_like_params(params) if self.feedback else None,
+        }
+
+    def next_private(self, private: Mapping[str, Any], out: ClientOutput) -> dict[str, Any]:
+        return {
+            "opt_state": out.opt_state if self.keep_opt else None,
+            "error": out.error if self.feedback else None,
+        }
+
+    # -- a silo's round ------------------------------------------------------------------------
+    def train_silo(
         self,
-        server: outer.OuterState,
-        privates: Mapping[str, SiloPrivate],
-        sampled: Sequence[str],
-        round_idx: int,
-    ) -> dict[str, ClientOutput]:
-        step0 = jnp.asarray(round_idx * self.H, jnp.int32)
-        batches = {name: next_batches(privates[name].iterator, self.H) for name in sampled}
-        if self.fed.parallel:
-            return self._run_parallel(server, privates, sampled, step0, batches)
-        outs = {}
-        for name in sampled:
-            p = privates[name]
-            outs[name] = self._run_one(
-                server.params, p.opt_state, p.error, step0, self.silo.put_batch(batches[name], ndim=3)
-            )
-        return outs
+        global_params,
+        private: Mapping[str, Any],
+        batches: Mapping[str, np.ndarray],
+        r: int,
+        progress: Callable[[int, dict[str, float]], None] | None = None,
+    ) -> ClientOutput:
+        """H local steps from the global params; `batches` are host arrays [H, B, L].
 
-    def _run_one(self, params, opt_state, error, step0, batches) -> ClientOutput:
-        if self._jit_seq is None:
-            self._jit_seq = jax.jit(self.silo._with_rules(self._client))
-        with jax.set_mesh(self.silo.mesh):
-            return self._jit_seq(params, opt_state, error, step0, batches)
+        The steps run in chunks of `self.chunk` (one compiled program, state donated from
+        chunk to chunk); chunk i's metrics are read only after chunk i+1 was dispatched, and
+        passed to `progress(steps_done, metrics)`.
+        """
+        s = self.silo
+        with jax.set_mesh(s.mesh):  # inner_state=reset: opt_state is None, client_init makes it
+            state = self._init(global_params, private.get("opt_state"), self.step0(r))
+        pending, chunks = None, []
+        for i in range(0, self.H, self.chunk):
+            part = s.put_batch({k: v[i : i + self.chunk] for k, v in batches.items()}, ndim=3)
+            state, metrics = s.local_train(state, part)
+            chunks.append(metrics)
+            if pending is not None and progress is not None:
+                progress(*pending)
+            pending = (i + self.chunk, metrics)
+        host = [{k: np.asarray(v) for k, v in jax.device_get(m).items()} for m in chunks]
+        if progress is not None:
+            progress(self.H, host[-1])
+        with jax.set_mesh(s.mesh):
+            payload, error = self._final(global_params, state.params, private.get("error"))
+        metrics = {k: np.concatenate([m[k] for m in host]) for k in host[0]}
+        return ClientOutput(payload=payload, error=error, opt_state=state.opt_state, metrics=metrics)
 
-    def _run_parallel(self, server, privates, sampled, step0, batches) -> dict[str, ClientOutput]:
-        """The K sampled silos as one vmapped program over a leading silo axis."""
-        k = len(sampled)
-        devices = jax.devices()
-        n_dev = math.gcd(k, len(devices))
-        silo_mesh = jax.make_mesh(
-            (n_dev,), ("silo",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices[:n_dev]
-        )
-        lead = NamedSharding(silo_mesh, P("silo"))
-        rep = NamedSharding(silo_mesh, P())
+    def check_update(self, payload) -> str | None:
+        """Why an in-memory update is refused (non-finite, over the norm bound), or None."""
+        stats = {k: float(v) for k, v in self._payload_stats(payload).items()}
+        if stats["nonfinite_frac"] > 0 or not math.isfinite(stats["norm"]):
+            return f"{stats['nonfinite_frac']:.2%} of the update is NaN/Inf"
+        if self.max_norm is not None and stats["norm"] > self.max_norm:
+            return f"update norm {stats['norm']:.4g} exceeds federation.max_update_norm={self.max_norm:g}"
+        return None
 
-        def stack(trees):
-            if trees[0] is None:
-                return None
-            return jax.tree.map(
-                lambda *xs: jax.device_put(np.stack([np.asarray(x) for x in xs]), lead), *trees
-            )
+    # -- the aggregating node ----------------------------------------------------------------
+    def aggregate(self, server: outer.OuterState, updates: Iterable[tuple[Any, float]]):
+        """In memory (simulation): the root's `node_round` over (payload, tokens) pairs."""
+        result = node_round(self.algo, server, updates)
+        return result.state, result.diagnostics
 
-        opt = stack([privates[n].opt_state for n in sampled])
-        err = stack([privates[n].error for n in sampled])
-        bat = {
-            key: jax.device_put(np.stack([batches[n][key] for n in sampled]), lead)
-            for key in batches[sampled[0]]
-        }
-        params = jax.device_put(jax.device_get(server.params), rep)
-        if self._jit_par is None:
-            in_axes = (None, 0 if opt is not None else None, 0 if err is not None else None, None, 0)
-            self._jit_par = jax.jit(jax.vmap(self._client, in_axes=in_axes), out_shardings=lead)
-        out = self._jit_par(params, opt, err, step0, bat)
-        # Back to each silo's own layout (its mesh), as the sequential path leaves it.
-        host = jax.device_get(out)
-        result = {}
-        for i, name in enumerate(sampled):
-            one = jax.tree.map(lambda x: x[i], host)
-            result[name] = ClientOutput(
-                payload=one.payload,
-                error=None if one.error is None else jax.device_put(one.error, self.silo.param_shardings),
-                opt_state=None
-                if one.opt_state is None
-                else jax.device_put(one.opt_state, self.silo.opt_shardings),
-                metrics=one.metrics,
-            )
-        return result
+    def step(self, server: outer.OuterState, mean, **diag):
+        """The outer step on a mean computed elsewhere (streamed from the store)."""
+        return self.algo.step(server, mean, **diag)
 
-    def round(self, server, privates, round_idx: int, timer: monitor.PhaseTimer):
-        sampled = sample_silos(
-            self.names, int(self.fed.silos_per_round), int(self.fed.sample_seed), round_idx
-        )
-        with timer.phase("local_train"):
-            outs = self.run_clients(server, privates, sampled, round_idx)
-            jax.block_until_ready(outs)
-        tokens = {n: float(np.asarray(o.metrics["tokens"]).sum()) for n, o in outs.items()}
-        up = {n: compression.payload_nbytes(o.payload) for n, o in outs.items()}
-        param_bytes = compression.raw_nbytes(server.params)
-        with timer.phase("aggregate"):
-            server, diag = self.algo.apply(server, ((outs[n].payload, tokens[n]) for n in sampled))
-            if self.fed.aggregate_inner_moments:
-                shared = outer.aggregate_optimizer_moments((outs[n].opt_state, tokens[n]) for n in sampled)
-            jax.block_until_ready(server)
-        for n in sampled:
-            p, o = privates[n], outs[n]
-            if self.fed.inner_state == "keep":
-                p.opt_state = o.opt_state
-            if self.fed.error_feedback:
-                p.error = o.error
-        if self.fed.aggregate_inner_moments:
-            shared = jax.device_put(shared, self.silo.opt_shardings)
-            for p in privates.values():
-                p.opt_state = shared
-        losses = {n: float(np.asarray(o.metrics["loss"]).mean()) for n, o in outs.items()}
-        info = {
-            "sampled": sampled,
-            "train_loss": losses,
-            "tokens": tokens,
-            "bytes_up": up,
-            "bytes_down": {n: param_bytes for n in sampled},
-            "dp_equivalent_bytes": monitor.dp_allreduce_bytes(param_bytes, self.H, len(sampled)),
-            "aggregate": diag,
-        }
-        return server, info
+    def shared_moments(self, pairs: Iterable[tuple[Any, float]]):
+        """Photon's option: every silo continues from the token-weighted mean of the moments."""
+        shared = outer.aggregate_optimizer_moments(pairs)
+        return jax.device_put(shared, self.silo.opt_shardings)
 
-
-def _iterator_states(privates: Mapping[str, SiloPrivate]) -> dict[str, Any]:
-    return {n: p.iterator.get_state() for n, p in privates.items()}
-
-
-def _private_arrays(privates: Mapping[str, SiloPrivate]) -> dict[str, Any]:
-    return {n: {"opt_state": p.opt_state, "error": p.error} for n, p in privates.items()}
-
-
-def train(
-    config: ml_collections.ConfigDict, workdir: str, *, stop_after_round: int | None = None
-) -> dict[str, Any]:
-    """One-process federated pre-training; resumes from the last round checkpoint in workdir."""
-    t_start = time.time()
-    corpus = train_lib.ensure_corpus(config.data)
-    train_lib.check_vocab(config, corpus)
-    sim = Simulation(config, corpus)
-    train_lib.write_run_json(workdir, config, "federated")
-    server, privates = sim.init(int(config.train.seed))
-    ckpt = ckpt_lib.Checkpointer(
-        os.path.join(workdir, "checkpoints"), keep=int(config.train.keep_checkpoints)
-    )
-    ledger = monitor.CommLedger()
-    start = ckpt.latest_step()
-    if start is not None:
-        abstract = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-            {"server": server, "silos": _private_arrays(privates)},
-        )
-        restored, meta = ckpt.restore(start, abstract)
-        server = restored["server"]
-        for n, p in privates.items():
-            p.opt_state = restored["silos"][n]["opt_state"]
-            p.error = restored["silos"][n]["error"]
-            p.iterator.set_state(meta["iterators"][n])
-        ledger.rounds = meta["ledger"]
-        print(f"[fedjax_lm] resumed after round {start} in {workdir}", flush=True)
-    else:
-        start = 0
-    writer = monitor.MetricWriter(workdir, enabled=jax.process_index() == 0)
-    sets = eval_lib.eval_sets(
-        corpus,
-        sim.names,
-        seq_len=sim.seq_len,
-        batch_size=sim.batch_size,
-        max_batches=int(config.train.eval_batches),
-    )
-    timer = monitor.PhaseTimer()
-    end = sim.rounds if stop_after_round is None else min(sim.rounds, stop_after_round)
-    eval_every = int(config.federation.eval_every)
-    for r in range(start, end):
-        t0 = time.perf_counter()
-        server, info = sim.round(server, privates, r, timer)
-        mean_loss = float(
-            np.average(list(info["train_loss"].values()), weights=list(info["tokens"].values()))
-        )
-        if not math.isfinite(mean_loss):
-            raise train_lib.NonFiniteLossError(
-                f"round {r}: silo train loss became {mean_loss} ({info['train_loss']}); the last round "
-                f"checkpoint is intact; lower optim.lr or the outer lr"
-            )
+    # -- accounting ------------------------------------------------------------------------------
+    def round_row(
+        self,
+        r: int,
+        accepted: Mapping[str, Mapping[str, float]],
+        ledger: monitor.CommLedger,
+        diag: Mapping[str, Any],
+        **extra,
+    ) -> dict[str, Any]:
+        """The round's metrics row; `accepted` maps silo -> {tokens, loss, bytes_up}."""
+        tokens = {s: float(a["tokens"]) for s, a in accepted.items()}
         comm = ledger.record_round(
-            r, down=info["bytes_down"], up=info["bytes_up"], dp_equivalent=info["dp_equivalent_bytes"]
+            r,
+            down={s: self.param_bytes for s in accepted},
+            up={s: int(a["bytes_up"]) for s, a in accepted.items()},
+            dp_equivalent=monitor.dp_allreduce_bytes(self.param_bytes, self.H, len(accepted)),
         )
-        row = {
+        loss = None
+        if tokens and sum(tokens.values()) > 0:
+            loss = float(np.average([a["loss"] for a in accepted.values()], weights=list(tokens.values())))
+        return {
             "round": r,
-            "train_loss": mean_loss,
-            "tokens": sum(info["tokens"].values()),
-            "silos": len(info["sampled"]),
+            "silos": len(accepted),
+            "accepted": sorted(accepted),
+            "tokens": sum(tokens.values()),
+            "train_loss": loss,
+            "flops": sum(tokens.values()) * model_lib.flops_per_token(self.silo.model_config, self.seq_len),
             "bytes_up": comm["bytes_up"],
             "bytes_down": comm["bytes_down"],
             "dp_equivalent_bytes": comm["dp_equivalent_bytes"],
-            **{k: v for k, v in info["aggregate"].items() if k.startswith("delta_")},
-            **{f"time_{k}": v for k, v in timer.pop().items()},
+            **{k: v for k, v in diag.items() if k.startswith("delta_")},
+            **extra,
         }
-        if eval_every and (r + 1) % eval_every == 0 and r + 1 != sim.rounds:
-            with timer.phase("eval"):
-                ev = eval_lib.evaluate(sim.silo, server.params, sets)
-            row["val_ppl"] = ev["pooled"]["ppl"]
-            row["time_eval"] = timer.pop().get("eval", 0.0)
-        row["time_round"] = time.perf_counter() - t0
-        writer.write("rounds", r + 1, row)
-        print(
-            f"round {r + 1}/{sim.rounds}: silos {len(info['sampled'])} train loss {mean_loss:.3f}"
-            + (f" val ppl {row['val_ppl']:.2f}" if "val_ppl" in row else "")
-            + f" ({row['time_round']:.1f}s)",
-            flush=True,
-        )
-        ckpt_every = int(config.federation.checkpoint_every)
-        if (ckpt_every and (r + 1) % ckpt_every == 0) or r + 1 == end:
-            ckpt.save(
-                r + 1,
-                {"server": server, "silos": _private_arrays(privates)},
-                {"iterators": _iterator_states(privates), "ledger": ledger.rounds, "round": r + 1},
-            )
-    ckpt.wait()
-    if end < sim.rounds:
-        ckpt.close()
-        writer.close()
-        return {"stopped_at_round": end, "server": server}
-    result = eval_lib.evaluate(sim.silo, server.params, sets)
-    writer.write(
-        "eval",
-        sim.rounds,
-        {
-            "pooled_ppl": result["pooled"]["ppl"],
-            **{f"ppl/{k}": v["ppl"] for k, v in result["per_silo"].items()},
-        },
-    )
-    comm = ledger.totals()
-    summary = {
-        "config": config.name,
-        "kind": "federated",
-        "rounds": sim.rounds,
-        "local_steps": sim.H,
-        "silos": len(sim.names),
-        "silos_per_round": int(config.federation.silos_per_round) or len(sim.names),
-        "outer": config.federation.outer.name,
-        "compression": config.federation.compression,
-        "tokens": _total_tokens(workdir),
-        "wall_time_s": time.time() - t_start,
-        "params": model_lib.param_count(sim.silo.model_config),
-        "val": result,
-        "communication": comm,
-    }
-    train_lib.write_json_atomic(os.path.join(workdir, "summary.json"), summary)
-    writer.close()
-    ckpt.close()
-    print(eval_lib.format_table(result))
-    print(
-        f"bytes moved: {monitor.human_bytes(comm['bytes_moved'])} "
-        f"(data-parallel equivalent: {monitor.human_bytes(comm['dp_equivalent_bytes'])})"
-    )
-    print(f"traffic vs data-parallel: {comm['traffic_ratio_vs_dp']:.1f}x less")
-    summary["server"] = server
-    return summary
 
 
-def _total_tokens(workdir: str) -> float:
-    rows = monitor.read_jsonl(os.path.join(workdir, "metrics", "rounds.jsonl"))
-    # one row per round; a resumed run may have re-run a round: keep the last of each
-    last = {r["round"]: r["tokens"] for r in rows}
-    return float(sum(last.values()))
+def round_progress(name: str, r: int, fed: Federation) -> Callable[[int, dict[str, float]], None]:
+    """A progress display for one silo's round: step, loss, tokens/s and the round's ETA."""
+    bar = monitor.StepProgress(f"{name} r{r}", total=fed.H, tokens_per_step=fed.batch_size * fed.seq_len)
+
+    def report(done: int, metrics: Mapping[str, Any]) -> None:
+        bar.update(done, loss=float(np.mean(metrics["loss"])))
+        if done >= fed.H:
+            bar.close()
+
+    return report

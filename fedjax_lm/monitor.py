@@ -58,6 +58,25 @@ class MetricWriter:
                 if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
                     self._tb.add_scalar(f"{stream}/{k}", v, int(step))
 
+    def truncate(self, stream: str, *, keep_below: int) -> int:
+        """Drops the rows of `stream` whose "round" is >= keep_below (left by a crash mid-round,
+        before the round's checkpoint); rows stay one per round. Returns the rows dropped."""
+        if not self.enabled:
+            return 0
+        path = os.path.join(self.dir, f"{stream}.jsonl")
+        if not os.path.exists(path):
+            return 0
+        rows = read_jsonl(path)
+        kept = [r for r in rows if r.get("round", -1) < keep_below]
+        if len(kept) != len(rows):
+            if stream in self._files:
+                self._files.pop(stream).close()
+            tmp = f"{path}.tmp.{os.getpid()}"
+            with open(tmp, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in kept)
+            os.replace(tmp, path)
+        return len(rows) - len(kept)
+
     def close(self) -> None:
         for f in self._files.values():
             f.close()
@@ -70,6 +89,12 @@ class MetricWriter:
 def read_jsonl(path: str) -> list[dict[str, Any]]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def rows_by_round(workdir: str, stream: str = "rounds") -> dict[int, dict[str, Any]]:
+    """The rows of metrics/<stream>.jsonl keyed by round (the last row of a round wins)."""
+    path = os.path.join(workdir, "metrics", f"{stream}.jsonl")
+    return {r["round"]: r for r in read_jsonl(path)} if os.path.exists(path) else {}
 
 
 class PhaseTimer:
@@ -141,6 +166,44 @@ class CommLedger:
             "dp_equivalent_bytes": dp,
             "traffic_ratio_vs_dp": (dp / moved) if moved else float("inf"),
         }
+
+
+class StepProgress:
+    """A progress line for steps inside a round: step, loss, tokens/s and the ETA (stderr).
+
+    Only process 0 shows it; in a log file (no terminal) it prints at most every 10 s.
+    """
+
+    def __init__(self, desc: str, *, total: int, tokens_per_step: int, enabled: bool | None = None):
+        import sys
+
+        import tqdm
+
+        if enabled is None:
+            import jax
+
+            enabled = jax.process_index() == 0
+        self.tokens_per_step = tokens_per_step
+        self.done, self.t0 = 0, time.perf_counter()
+        self.bar = tqdm.tqdm(
+            total=total,
+            desc=desc,
+            unit="step",
+            file=sys.stderr,
+            disable=not enabled,
+            leave=False,
+            dynamic_ncols=True,
+            mininterval=0.5 if sys.stderr.isatty() else 10.0,
+        )
+
+    def update(self, done: int, *, loss: float) -> None:
+        self.bar.update(done - self.done)
+        self.done = done
+        rate = done * self.tokens_per_step / max(time.perf_counter() - self.t0, 1e-9)
+        self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}", refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def human_bytes(n: float) -> str:

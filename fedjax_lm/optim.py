@@ -42,7 +42,7 @@ def default_optim_config() -> ml_collections.ConfigDict:
     )
 
 
-def _check(cfg: Mapping[str, Any]) -> None:
+def check_config(cfg: Mapping[str, Any]) -> None:
     unknown = set(cfg) - _FIELDS
     if unknown:
         raise ValueError(f"optim config has unknown fields {sorted(unknown)}; valid: {sorted(_FIELDS)}")
@@ -56,7 +56,7 @@ def _check(cfg: Mapping[str, Any]) -> None:
 
 def make_schedule(cfg: Mapping[str, Any], total_steps: int) -> optax.Schedule:
     """Linear warm-up to `lr`, then cosine to `lr * end_lr_ratio` at `decay_steps` (or constant)."""
-    _check(cfg)
+    check_config(cfg)
     warmup = int(cfg["warmup_steps"])
     if cfg["schedule"] == "constant":
         if warmup <= 0:

@@ -1,55 +1,41 @@
-"""The outer (server) step: pseudo-gradients, token-weighted aggregation, outer optimizers.
+"""Aggregation: pseudo-gradients, the running token-weighted mean, outer optimizers, moments.
 
-Every function here is pure and jit-able on arbitrary pytrees of arrays; leaves are
-mapped one by one with `jax.tree.map` (no flattening into one vector), so a sharded
-param tree stays sharded.
+This is the one module that turns the silos' updates into the next global params; the
+one-process simulation, the store's streaming aggregation and every node of a federation
+tree use it.
 
 Conventions
 -----------
 * A silo's pseudo-gradient is `Δ_k = θ_global − θ_k` (f32). The outer optimizer treats
   the token-weighted mean `Δ = Σ w_k Δ_k / Σ w_k` as a gradient: `θ ← θ + tx.update(Δ)`.
   With FedAvg (SGD, lr 1) that is `θ ← θ − Δ`, i.e. the weighted mean of the silo params.
-* `WeightedMean` is a *running* mean: adding silo k updates
-  `mean ← mean + (w_k / W_k) (Δ_k − mean)` with `W_k = W_{k-1} + w_k`. Memory is one
-  model, whatever the number of silos. Compared with keeping `Σ w_k Δ_k` and dividing at
-  the end, it (a) returns one silo's Δ bit-exactly (w/w == 1, whereas `(w·Δ)/w` differs
-  from Δ in a few % of elements), and (b) never scales deltas by token counts.
-* Empty aggregation (total weight 0): `weighted_mean_result` stays jit-able and returns
-  zeros (never NaN); the error is raised by the host-side helper `ensure_nonempty(acc)`,
-  which the orchestration calls before applying the outer step.
-
-The fedjax shape used by `federation` maps onto these functions as::
-
-    tx = make_outer_optimizer(cfg.outer)
-
-    def init(params):                                   # -> server_state
-      return outer_init(params, tx)
-
-    def apply(server_state, silo_results):               # -> (server_state, diagnostics)
-      acc = weighted_mean_init(server_state.params)
-      for r in silo_results:                             # streamed: one Δ_k in memory
-        acc = add(acc, r.delta, r.num_tokens)            # add = jax.jit(weighted_mean_add)
-      ensure_nonempty(acc)                               # host check, raises ValueError
-      mean_delta = weighted_mean_result(acc)
-      server_state = step(server_state, mean_delta)      # jax.jit(outer_apply, static tx)
-      return server_state, {"tokens": acc.weight, **delta_stats(mean_delta)}
-
-`tx` is a NamedTuple of functions, hence hashable: jit `outer_apply` with
-`static_argnames="tx"` (or close over it) and donate `state`.
+* The mean is a *running* mean folded one update at a time:
+  `mean ← mean + (w_k / W_k) (decode(payload_k) − mean)` with `W_k = W_{k-1} + w_k`, the
+  factors computed host-side in f32 (`running_fractions`) and the fold done by one XLA kernel
+  (`fold_into_mean`) that also decodes the compressed payload. Memory is one model, whatever
+  the number of silos; one silo's Δ comes back bit-exactly (w/w == 1); deltas are never
+  scaled by token counts. The store's streaming aggregation (`store.aggregate`) uses the
+  same factors and kernel, so the simulation and the deployment agree bit for bit.
+* `OuterAlgorithm` has fedjax's shape: `init(params) -> OuterState` and
+  `apply(state, updates) -> (state, diagnostics)`; `step(state, mean)` is the outer step
+  alone, for a mean computed elsewhere (streamed from the store).
 
 Photon's option to also average the silos' inner optimizer moments is
-`aggregate_optimizer_moments`, which streams the same way.
+`aggregate_optimizer_moments`, which streams through the same running mean.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 PyTree = Any
@@ -102,62 +88,69 @@ def delta_stats(delta: PyTree) -> dict[str, jax.Array]:
     }
 
 
-# ---------------------------------------------------------------- weighted mean
+# ---------------------------------------------------------------- running mean
 
 
-class WeightedMean(NamedTuple):
-    """Running token-weighted mean of pseudo-gradients (see module docstring)."""
+def next_fraction(total: np.float32, weight: float) -> tuple[np.float32, np.float32]:
+    """One step of the running mean's factors: (new f32 total W_k, w_k / W_k), host-side."""
+    w32 = np.float32(weight)
+    total = np.float32(total + w32)
+    return total, (np.float32(w32 / total) if total > 0 else np.float32(0.0))
 
-    mean: PyTree  # f32, same structure/shapes as one Δ
-    weight: jax.Array  # f32 scalar: total weight (tokens) added so far
 
+def running_fractions(weights: Sequence[float]) -> list[np.float32]:
+    """w_k / W_k for every k, with W_k the f32 running total.
 
-def weighted_mean_init(template: PyTree) -> WeightedMean:
-    """An empty accumulator shaped (and, called eagerly, sharded) like `template`.
-
-    `template` may hold arrays or `jax.ShapeDtypeStruct`s with shardings. Under `jit`, pass
-    `out_shardings` (or use an explicit mesh) to place the zeros.
+    Both aggregation paths (in memory and streamed from the store) use these exact factors
+    and `fold_into_mean`, so they produce bit-identical means.
     """
-    zeros = jax.tree.map(lambda x: jnp.zeros_like(x, dtype=jnp.float32), template)
-    return WeightedMean(mean=zeros, weight=jnp.zeros((), jnp.float32))
+    total, out = np.float32(0.0), []
+    for w in weights:
+        total, frac = next_fraction(total, w)
+        out.append(frac)
+    return out
 
 
-def weighted_mean_add(acc: WeightedMean, delta: PyTree, weight: jax.typing.ArrayLike) -> WeightedMean:
-    """Adds `delta` with `weight` (e.g. tokens seen).
+@functools.partial(jax.jit, donate_argnums=0)
+def fold_into_mean(mean: jax.Array, payload_leaf: dict[str, jax.Array], frac: jax.Array) -> jax.Array:
+    """mean + frac · (decode(payload_leaf) − mean), decoding fused into the same kernel.
 
-    `weight` must be >= 0 (not checkable under jit). Weight 0 adds nothing: the delta's values
-    are not used, so even a NaN-filled delta of a silo that saw no tokens leaves the mean intact.
+    `payload_leaf` is one leaf of a `compression` payload ({"x"} or {"q", "scale"}).
     """
-    w = jnp.asarray(weight, jnp.float32)
-    total = acc.weight + w
-    # w / total, with 0 when nothing has been added yet (avoids 0/0).
-    frac = jnp.where(total > 0, w / jnp.where(total > 0, total, 1.0), 0.0)
+    if set(payload_leaf) == {"x"}:
+        x = payload_leaf["x"].astype(jnp.float32)
+    else:
+        q, scale = payload_leaf["q"], payload_leaf["scale"]
+        x = q.astype(jnp.float32) * scale.astype(jnp.float32)[:, None]
+        x = x.reshape(-1)[: mean.size].reshape(mean.shape)
+    return mean + frac * (x - mean)
+
+
+def mean_of_payloads(template: PyTree, items: Iterable[tuple[PyTree, float]]) -> tuple[PyTree, float, int]:
+    """Token-weighted mean of payloads streamed one at a time: (mean f32 tree, total weight, count).
+
+    `template` gives shapes and shardings (the global params). Memory is one model whatever
+    the number of items. Raises ValueError when the total weight is not positive.
+    """
     mean = jax.tree.map(
-        lambda m, d: jnp.where(frac > 0, m + frac * (d.astype(jnp.float32) - m), m), acc.mean, delta
+        lambda p: jnp.zeros(p.shape, jnp.float32, device=getattr(p, "sharding", None)), template
     )
-    return WeightedMean(mean=mean, weight=total)
+    total, n = np.float32(0.0), 0
+    for payload, weight in items:
+        total, frac = next_fraction(total, weight)
+        mean = jax.tree.map(lambda m, pl: fold_into_mean(m, pl, frac), mean, payload)
+        n += 1
+    if not total > 0:
+        raise ValueError(f"nothing to aggregate: {n} updates with total weight {float(total)}")
+    return mean, float(total), n
 
 
-def weighted_mean_result(acc: WeightedMean) -> PyTree:
-    """The weighted mean. Jit-able; zeros (not NaN) if nothing was added — see `ensure_nonempty`."""
-    return acc.mean
-
-
-def ensure_nonempty(acc: WeightedMean) -> None:
-    """Host-side check (not jit-able): raises if the accumulator holds no weight."""
-    weight = float(acc.weight)
-    if not weight > 0:
-        raise ValueError(
-            f"weighted mean is empty (total weight {weight}): no silo contributed tokens this round"
-        )
-
-
-def aggregate_optimizer_moments(states_and_weights: Iterable[tuple[PyTree, jax.typing.ArrayLike]]) -> PyTree:
+def aggregate_optimizer_moments(states_and_weights: Iterable[tuple[PyTree, float]]) -> PyTree:
     """Token-weighted mean of inner optimizer states (Photon's "aggregate the moments" option).
 
-    Takes an iterable of `(opt_state, weight)` and streams it (one state in memory besides the
-    accumulator). Floating leaves (e.g. AdamW `mu`, `nu`) are averaged and cast back to their
-    dtype; every other leaf (integer step counts) is taken from the first state.
+    Streams `(opt_state, weight)` pairs through the same running mean as the pseudo-gradients.
+    Floating leaves (AdamW `mu`, `nu`) are averaged and cast back to their dtype; every other
+    leaf (integer step counts) is taken from the first state.
     """
     it = iter(states_and_weights)
     try:
@@ -166,14 +159,11 @@ def aggregate_optimizer_moments(states_and_weights: Iterable[tuple[PyTree, jax.t
         raise ValueError("aggregate_optimizer_moments needs at least one (state, weight)") from None
 
     def floats(tree):
-        return jax.tree.map(lambda x: x if jnp.issubdtype(x.dtype, jnp.floating) else None, tree)
+        return jax.tree.map(lambda x: {"x": x} if jnp.issubdtype(x.dtype, jnp.floating) else None, tree)
 
-    add = jax.jit(weighted_mean_add)
-    acc = add(weighted_mean_init(floats(first)), floats(first), first_weight)
-    for state, weight in it:
-        acc = add(acc, floats(state), weight)
-    ensure_nonempty(acc)
-    mean = weighted_mean_result(acc)
+    template = jax.tree.map(lambda x: x if jnp.issubdtype(x.dtype, jnp.floating) else None, first)
+    pairs = ((floats(s), w) for s, w in itertools.chain([(first, first_weight)], it))
+    mean, _, _ = mean_of_payloads(template, pairs)
     return jax.tree.map(
         lambda m, f: f if m is None else m.astype(f.dtype), mean, first, is_leaf=lambda x: x is None
     )
@@ -313,3 +303,29 @@ def outer_apply(state: OuterState, mean_delta: PyTree, tx: optax.GradientTransfo
     updates, opt_state = tx.update(mean_delta, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     return OuterState(params=params, opt_state=opt_state, round=state.round + 1)
+
+
+class OuterAlgorithm:
+    """init(params) -> OuterState; apply(state, updates) -> (state, diagnostics)."""
+
+    def __init__(self, outer_cfg: Mapping[str, Any]):
+        self.tx = make_outer_optimizer(outer_cfg)
+        self._step = jax.jit(functools.partial(outer_apply, tx=self.tx), donate_argnums=(0,))
+        self._stats = jax.jit(delta_stats)
+        self._init = jax.jit(functools.partial(outer_init, tx=self.tx))
+
+    def init(self, params: PyTree) -> OuterState:
+        return self._init(params)
+
+    def apply(
+        self, state: OuterState, updates: Iterable[tuple[PyTree, float]]
+    ) -> tuple[OuterState, dict[str, Any]]:
+        """`updates` yields (payload, weight) one at a time: memory stays one model."""
+        mean, total, n = mean_of_payloads(state.params, updates)
+        return self.step(state, mean, tokens=total, silos=n)
+
+    def step(self, state: OuterState, mean_delta: PyTree, **diag) -> tuple[OuterState, dict[str, Any]]:
+        """The outer step on an aggregated mean pseudo-gradient, with its diagnostics."""
+        stats = {k: float(v) for k, v in self._stats(mean_delta).items()}
+        state = self._step(state, mean_delta)
+        return state, {**diag, **{f"delta_{k}": v for k, v in stats.items()}}

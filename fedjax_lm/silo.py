@@ -21,6 +21,7 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fedjax_lm import model as model_lib
+from fedjax_lm import optim
 from fedjax_lm import sharding as sharding_lib
 
 Batch = Mapping[str, jax.Array]  # {'inputs': int32[B, L], 'targets': int32[B, L]}
@@ -96,6 +97,19 @@ def eval_step(params: Any, batch: Batch, *, model: nn.Module) -> dict[str, jax.A
     return {"loss_sum": total, "tokens": count}
 
 
+def from_config(config: Any, total_steps: int, mesh: Mesh | None = None) -> "Silo":
+    """The silo runtime a config describes: model, inner optimizer over `total_steps`, mesh, rules."""
+    tx, schedule = optim.make_optimizer(config.optim, total_steps)
+    return Silo(
+        model_lib.ModelConfig.from_dict(config.model),
+        tx,
+        sharding_lib.make_mesh(config.mesh) if mesh is None else mesh,
+        rules=sharding_lib.normalize_rules(config.sharding.rules),
+        schedule=schedule,
+        grad_accum=int(config.optim.grad_accum),
+    )
+
+
 @dataclasses.dataclass
 class Silo:
     """A model + optimizer + mesh, with sharded, jitted state init, train, local-train and eval.
@@ -154,7 +168,20 @@ class Silo:
         )
 
     def fresh_opt_state(self, params: Any) -> Any:
-        return self.tx.init(params)
+        """A new inner optimizer state, placed exactly as a restored one (no recompilation)."""
+        fn = self._jit("opt_init", self.tx.init, out_shardings=self.opt_shardings)
+        with jax.set_mesh(self.mesh):
+            return fn(params)
+
+    def zeros_like_params(self, params: Any) -> Any:
+        """f32 zeros with the params' shardings (the error-feedback state before round 0)."""
+        fn = self._jit(
+            "zeros",
+            lambda p: jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), p),
+            out_shardings=self.param_shardings,
+        )
+        with jax.set_mesh(self.mesh):
+            return fn(params)
 
     # ---- jitted, sharded entry points ---------------------------------------------------
     def _jit(self, name, fn, **kw):

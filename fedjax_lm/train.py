@@ -1,16 +1,15 @@
-"""Centralized pre-training (the baseline) and the pieces every trainer shares.
+"""Centralized pre-training: the baseline every federated run is compared with.
 
     python -m fedjax_lm train --config experiments/centralized.py:size=tiny --workdir runs/central
 
-The loop is split into named pieces: `setup` (corpus, mesh, silo runtime), `restore_or_init`,
-`run_steps` (dispatch step t+1 before reading step t's metrics; stop on NaN),
-`final_eval` and `write_summary`.
+One model trained on the pooled silos with the same model, inner optimizer, batches and
+evaluation as a silo. The loop dispatches step t+1 before reading step t's metrics
+(`StepLog`) and stops on a NaN loss; checkpoints hold `params` and `train` (step + AdamW).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -22,98 +21,16 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from fedjax_lm import __version__
 from fedjax_lm import checkpoint as ckpt_lib
+from fedjax_lm import config as config_lib
 from fedjax_lm import data as data_lib
 from fedjax_lm import evaluate as eval_lib
 from fedjax_lm import model as model_lib
 from fedjax_lm import monitor
-from fedjax_lm import optim
-from fedjax_lm import sharding as sharding_lib
-from fedjax_lm.silo import Silo
-
-
-class NonFiniteLossError(FloatingPointError):
-    pass
-
-
-def ensure_corpus(data_cfg: ml_collections.ConfigDict) -> "data_lib.Corpus":
-    """Loads the prepared corpus, preparing it first if it is not there yet."""
-    path = os.path.join(data_cfg.corpus_dir, "corpus.json")
-    if not os.path.exists(path):
-        print(
-            f"[fedjax_lm] no corpus at {data_cfg.corpus_dir}: preparing it (cached for later runs)",
-            flush=True,
-        )
-    data_lib.prepare(data_cfg)  # idempotent: returns at once when built with the same settings
-    return data_lib.Corpus.load(data_cfg.corpus_dir)
-
-
-def check_vocab(config: ml_collections.ConfigDict, corpus: "data_lib.Corpus") -> None:
-    if config.model.vocab_size != corpus.vocab_size:
-        raise ValueError(
-            f"model.vocab_size={config.model.vocab_size} but the corpus at {config.data.corpus_dir} "
-            f"has a tokenizer of {corpus.vocab_size} tokens; set both to the same value"
-        )
-
-
-def active_silos(config: ml_collections.ConfigDict, corpus: "data_lib.Corpus") -> list[str]:
-    """The silos that take part: `config.train.silos`, or every silo of the corpus."""
-    chosen = list(config.train.get("silos", None) or [])
-    if not chosen:
-        return list(corpus.silos)
-    unknown = [s for s in chosen if s not in corpus.silos]
-    if unknown:
-        raise ValueError(
-            f"train.silos names {unknown}, not in the corpus at {config.data.corpus_dir}; "
-            f"its silos are {corpus.silos}"
-        )
-    return chosen
-
-
-def build_silo(config: ml_collections.ConfigDict, total_steps: int, mesh=None) -> Silo:
-    model_cfg = model_lib.ModelConfig.from_dict(config.model)
-    tx, schedule = optim.make_optimizer(config.optim, total_steps)
-    mesh = sharding_lib.make_mesh(config.mesh) if mesh is None else mesh
-    accum = int(config.optim.grad_accum)
-    if config.train.batch_size % accum:
-        raise ValueError(
-            f"train.batch_size={config.train.batch_size} is not divisible by optim.grad_accum={accum}"
-        )
-    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if (config.train.batch_size // accum) % batch_shards:
-        raise ValueError(
-            f"train.batch_size={config.train.batch_size} (per micro-batch {config.train.batch_size // accum}) "
-            f"does not split over the mesh's data x fsdp = {batch_shards} devices; change mesh or batch size"
-        )
-    return Silo(
-        model_cfg,
-        tx,
-        mesh,
-        rules=sharding_lib.normalize_rules(config.sharding.rules),
-        schedule=schedule,
-        grad_accum=accum,
-    )
-
-
-def write_json_atomic(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=str)
-    os.replace(tmp, path)
-
-
-def write_run_json(workdir: str, config: ml_collections.ConfigDict, kind: str) -> None:
-    os.makedirs(workdir, exist_ok=True)
-    write_json_atomic(
-        os.path.join(workdir, "run.json"),
-        {
-            "kind": kind,
-            "fedjax_lm_version": __version__,
-            "jax_version": jax.__version__,
-            "config": json.loads(config.to_json_best_effort()),
-        },
-    )
+from fedjax_lm import runs
+from fedjax_lm import silo as silo_lib
+from fedjax_lm.data import select
+from fedjax_lm.silo import TrainState
 
 
 @dataclasses.dataclass
@@ -137,7 +54,7 @@ class StepLog:
         step, metrics = item
         host = {k: float(np.asarray(v).mean()) for k, v in jax.device_get(metrics).items()}
         if not math.isfinite(host["loss"]):
-            raise NonFiniteLossError(
+            raise runs.NonFiniteLossError(
                 f"loss became {host['loss']} at step {step}: training stopped. The last checkpoint is "
                 f"intact; lower optim.lr, raise optim.warmup_steps or check the data."
             )
@@ -148,17 +65,22 @@ class StepLog:
 
 
 def train(
-    config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    stop_after: int | None = None,
+    allow_config_change: bool = False,
 ) -> dict[str, Any]:
     """Centralized training on the pooled silos. `stop_after` ends the process early (tests of resume)."""
     t_start = time.time()
-    corpus = ensure_corpus(config.data)
-    check_vocab(config, corpus)
+    config_lib.validate(config)
+    runs.open_workdir(workdir, config, "centralized", allow_config_change=allow_config_change)
+    corpus = select.ensure_corpus(config.data)
+    select.check_vocab(config, corpus)
     steps = int(config.train.steps)
-    silo = build_silo(config, steps)
-    write_run_json(workdir, config, "centralized")
+    silo = silo_lib.from_config(config, steps)
     seq_len, batch_size = int(config.train.seq_len), int(config.train.batch_size)
-    silos = active_silos(config, corpus)
+    silos = select.active_silos(config, corpus)
     it = data_lib.train_iterator(
         corpus, silos, seq_len=seq_len, batch_size=batch_size, seed=int(config.train.seed)
     )
@@ -167,7 +89,12 @@ def train(
     )
     start = ckpt.latest_step()
     if start is not None:
-        state, meta = ckpt.restore(start, silo.abstract_state_with_shardings())
+        abstract = silo.abstract_state_with_shardings()
+        items, meta = ckpt.restore(
+            start,
+            {"params": abstract.params, "train": {"step": abstract.step, "opt_state": abstract.opt_state}},
+        )
+        state = TrainState(items["train"]["step"], items["params"], items["train"]["opt_state"])
         it.set_state(meta["data_iterator"])
         print(f"[fedjax_lm] resumed from step {start} in {workdir}", flush=True)
     else:
@@ -207,17 +134,11 @@ def train(
             if eval_every and step % eval_every == 0 and step != steps:
                 log.flush()
                 ev = eval_lib.evaluate(silo, state.params, sets)
-                writer.write(
-                    "eval",
-                    step,
-                    {
-                        "pooled_ppl": ev["pooled"]["ppl"],
-                        **{f"ppl/{k}": v["ppl"] for k, v in ev["per_silo"].items()},
-                    },
-                )
+                writer.write("eval", step, eval_lib.scalars(ev))
             if (ckpt_every and step % ckpt_every == 0) or step == end:
                 log.flush()  # never checkpoint a state whose loss was not checked
-                ckpt.save(step, state, {"data_iterator": it.get_state(), "step": step})
+                items = {"params": state.params, "train": {"step": state.step, "opt_state": state.opt_state}}
+                ckpt.save(step, items, {"data_iterator": it.get_state(), "step": step})
         log.flush()
     finally:
         bar.close()
@@ -228,14 +149,7 @@ def train(
         writer.close()
         return {"stopped_at": end}
     result = eval_lib.evaluate(silo, state.params, sets)
-    writer.write(
-        "eval",
-        steps,
-        {
-            "pooled_ppl": result["pooled"]["ppl"],
-            **{f"ppl/{k}": v["ppl"] for k, v in result["per_silo"].items()},
-        },
-    )
+    writer.write("eval", steps, eval_lib.scalars(result))
     summary = {
         "config": config.name,
         "kind": "centralized",
@@ -247,7 +161,7 @@ def train(
         "final_train_loss": log.last.get("loss"),
         "val": result,
     }
-    write_json_atomic(os.path.join(workdir, "summary.json"), summary)
+    runs.write_json_atomic(os.path.join(workdir, "summary.json"), summary)
     writer.close()
     ckpt.close()
     print(eval_lib.format_table(result))

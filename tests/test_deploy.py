@@ -15,6 +15,7 @@ from fedjax_lm import compression
 from fedjax_lm import config as config_lib
 from fedjax_lm import deploy
 from fedjax_lm import federation
+from fedjax_lm import simulation
 from fedjax_lm import store as store_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,7 +26,7 @@ def make_config(small_corpus, tmp_path, *, rounds=3, deadline_s=60.0, **deploy_o
     c = config_lib.load_config(
         os.path.join(ROOT, "experiments/photon.py") + f":size=tiny,vocab=512,H=3,rounds={rounds}"
     )
-    c.data = small_corpus
+    c.data = small_corpus.copy_and_resolve_references()  # never mutate the shared fixture
     c.model.update(dict(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, vocab_size=512))
     c.train.update(dict(seq_len=32, batch_size=4, eval_batches=2))
     c.mesh.update(dict(data=1, fsdp=1, tensor=1))
@@ -99,9 +100,13 @@ def wait_until(pred, timeout=180, poll=0.1, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def federation_of(config):
+    return federation.Federation(config, ["code", "lines", "prose"])
+
+
 def final_params(config, store_root, r):
-    rt = deploy.Runtime(config)
-    params, _, meta = store_lib.Store(store_root).read_global(r, rt.abstract_params, rt.abstract_outer_opt)
+    fed = federation_of(config)
+    params, _, meta = store_lib.Store(store_root).read_global(r, fed.abstract_params, fed.abstract_outer_opt)
     return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(params))], meta
 
 
@@ -116,13 +121,74 @@ def test_multiprocess_run_equals_one_process_simulation(small_corpus, tmp_path, 
         p.wait(s)
     got, meta = final_params(config, p.store, 3)
     assert meta["accepted"] == ["code", "lines", "prose"]
-    sim = federation.train(config, str(tmp_path / "sim"))
+    sim = simulation.train(config, str(tmp_path / "sim"))
     want = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(sim["server"].params))]
     for a, b in zip(got, want):
         np.testing.assert_array_equal(a, b)
     summary = json.loads((tmp_path / "agg" / "summary.json").read_text())
     assert summary["val"]["pooled"]["loss"] == pytest.approx(sim["val"]["pooled"]["loss"], abs=0)
     assert summary["communication"] == json.loads(json.dumps(sim["communication"]))
+    # one metrics row per round, the same token counts as the simulation's
+    agg_rows = [json.loads(line) for line in open(tmp_path / "agg" / "metrics" / "rounds.jsonl")]
+    sim_rows = [json.loads(line) for line in open(tmp_path / "sim" / "metrics" / "rounds.jsonl")]
+    assert [r["round"] for r in agg_rows] == [0, 1, 2]
+    assert [r["tokens"] for r in agg_rows] == [r["tokens"] for r in sim_rows]
+    assert [r["train_loss"] for r in agg_rows] == [r["train_loss"] for r in sim_rows]
+    # the aggregator's workdir is a run like any other: eval reads the store's newest global
+    r = subprocess.run(
+        [sys.executable, "-m", "fedjax_lm", "eval", "--workdir", str(tmp_path / "agg")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=p.env,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"model: global/3 of {p.store}" in r.stdout
+    pooled = float(r.stdout.split("pooled")[1].split()[0])
+    assert pooled == pytest.approx(sim["val"]["pooled"]["loss"], abs=1e-4)
+
+
+def test_silo_killed_between_commit_and_state_save_replays_and_ends_bit_identical(
+    small_corpus, tmp_path, procs
+):
+    """The window between a silo's COMMITTED marker and its private-state save, restarted late."""
+    config, spec = make_config(small_corpus, tmp_path, rounds=3)
+    p = procs["p"] = Procs(tmp_path, spec)
+    store = store_lib.Store(p.store)
+    p.aggregator()
+    p.silo("code")
+    p.silo("prose")
+    p.silo("lines", env={"FEDJAX_SILO_PAUSE_AFTER_COMMIT_S": "600"})
+    wait_until(
+        lambda: "pausing after the commit of round 0" in p.log("lines"), what="lines to commit round 0"
+    )
+    wait_until(lambda: (store.latest_global() or 0) >= 1, what="global/1")  # the next global is out
+    p.kill("lines")
+    assert store.is_committed(0, "lines") and store.latest_silo_state("lines") is None
+    p.silo("lines", name="lines-restarted")
+    p.wait("aggregator")
+    p.wait("lines-restarted")
+    log = p.log("lines-restarted")
+    assert "round 0: committed before a restart; replaying it" in log
+    got, meta = final_params(config, p.store, 3)
+    assert meta["accepted"] == ["code", "lines", "prose"]
+    sim = simulation.train(config, str(tmp_path / "sim"))
+    want = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(sim["server"].params))]
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_store_of_another_federation_is_refused(small_corpus, tmp_path, procs):
+    config, spec = make_config(small_corpus, tmp_path, rounds=1)
+    p = procs["p"] = Procs(tmp_path, spec)
+    p.aggregator()
+    store = store_lib.Store(p.store)
+    wait_until(lambda: store.latest_global() == 0, what="global/0")
+    other = config.copy_and_resolve_references()
+    other.federation.local_steps = 5
+    with pytest.raises(ValueError, match=r"another config \(federation.local_steps: 3 -> 5"):
+        deploy.check_store_run(store, other, "silo code")
+    deploy.check_store_run(store, config, "silo code")  # the federation's own config is accepted
 
 
 def test_killed_silo_round_closes_at_deadline_and_silo_rejoins(small_corpus, tmp_path, procs):
@@ -168,7 +234,7 @@ def test_killed_aggregator_resumes_the_same_round_to_the_same_params(small_corpu
     p.wait("aggregator2")
     assert "resuming at round 0" in p.log("aggregator2")
     got, _ = final_params(config, p.store, 2)
-    sim = federation.train(config, str(tmp_path / "sim"))
+    sim = simulation.train(config, str(tmp_path / "sim"))
     for a, b in zip(got, [np.asarray(x) for x in jax.tree.leaves(jax.device_get(sim["server"].params))]):
         np.testing.assert_array_equal(a, b)
 
@@ -176,11 +242,11 @@ def test_killed_aggregator_resumes_the_same_round_to_the_same_params(small_corpu
 def test_bad_updates_are_rejected_by_name_and_the_round_goes_on(small_corpus, tmp_path, procs):
     config, spec = make_config(small_corpus, tmp_path, rounds=1, deadline_s=120.0)
     p = procs["p"] = Procs(tmp_path, spec)
-    rt = deploy.Runtime(config)
+    fed = federation_of(config)
     store = store_lib.Store(p.store)
     p.aggregator()
     wait_until(lambda: store.latest_global() == 0, what="global/0")
-    params, _, _ = store.read_global(0, rt.abstract_params, rt.abstract_outer_opt)
+    params, _, _ = store.read_global(0, fed.abstract_params, fed.abstract_outer_opt)
     delta = jax.tree.map(lambda x: np.full(x.shape, 0.01, np.float32), jax.device_get(params))
     good, _ = compression.compress(delta, None, config.federation.compression)
     good = jax.device_get(good)
@@ -238,8 +304,7 @@ def test_adaptive_deadline_follows_the_slowest_recent_silo():
 def test_late_update_for_a_closed_round_is_ignored_and_logged(small_corpus, tmp_path, capsys):
     config, _ = make_config(small_corpus, tmp_path, rounds=2)
     agg = deploy.Aggregator(config, str(tmp_path / "store"), str(tmp_path / "agg"))
-    rt = agg.rt
-    server = rt.initial_server()
+    server = agg.fed.init_server(0)
     agg.store.publish_global(
         0,
         server.params,

@@ -57,7 +57,7 @@ def test_one_silo_H1_fedavg_equals_one_centralized_step():
     # centralized: one step
     central, _ = silo.train_step(state, silo.put_batch({k: v[0] for k, v in batch.items()}))
     # federated: one silo, H=1, FedAvg lr 1, uncompressed
-    algo = federation.FederatedAlgorithm(outer.default_outer_config("fedavg"), "none")
+    algo = outer.OuterAlgorithm(outer.default_outer_config("fedavg"))
     server = algo.init(jax.device_put(params0, silo.param_shardings))
     out = _client(silo)(
         server.params, silo.fresh_opt_state(server.params), None, jnp.int32(0), silo.put_batch(batch, ndim=3)
@@ -79,7 +79,7 @@ def test_one_silo_H1_fedavg_equals_one_centralized_step():
 def test_token_weighting_in_the_round():
     silo = _silo()
     state = silo.init_state(jax.random.key(0))
-    algo = federation.FederatedAlgorithm(outer.default_outer_config("fedavg"), "none")
+    algo = outer.OuterAlgorithm(outer.default_outer_config("fedavg"))
     p0 = state.params
     d1 = jax.tree.map(lambda x: jnp.ones_like(x), p0)
     d2 = jax.tree.map(lambda x: 5 * jnp.ones_like(x), p0)
@@ -112,15 +112,17 @@ def test_config_errors_name_the_field():
     fed = federation.default_federation_config()
     fed.inner_state = "forget"
     with pytest.raises(ValueError, match="inner_state"):
-        federation.check_federation_config(fed, 8)
+        federation.check_config(fed)
     fed = federation.default_federation_config()
     fed.silos_per_round = 9
     with pytest.raises(ValueError, match="silos_per_round=9"):
-        federation.check_federation_config(fed, 8)
+        federation.check_silo_count(fed, 8)
+    with pytest.raises(ValueError, match="no silos"):
+        federation.check_silo_count(federation.default_federation_config(), 0)
     fed = federation.default_federation_config()
     fed.compression = "int4"
     with pytest.raises(ValueError, match="compression"):
-        federation.check_federation_config(fed, 8)
+        federation.check_config(fed)
 
 
 @pytest.mark.parametrize("reset", [False, True])

@@ -35,7 +35,13 @@ def _assert_tree_close(actual, expected, **kw):
     )
 
 
-_add = jax.jit(outer.weighted_mean_add)
+def _mean(deltas_and_weights, like=None):
+    """The production running mean over uncompressed payloads."""
+    items = [(jax.tree.map(lambda x: {"x": jnp.asarray(x)}, d), w) for d, w in deltas_and_weights]
+    like = _jnp(like if like is not None else deltas_and_weights[0][0])
+    return outer.mean_of_payloads(like, items)
+
+
 _apply = jax.jit(outer.outer_apply, static_argnames="tx")
 
 
@@ -54,9 +60,9 @@ def test_fedavg_lr1_one_silo_reproduces_local_params_exactly():
     local = jax.tree.map(lambda g, n: g - n, global_params, _jnp(noise))
     tx = outer.make_outer_optimizer(outer.default_outer_config("fedavg"))
     state = outer.outer_init(global_params, tx)
-    acc = _add(outer.weighted_mean_init(global_params), outer.pseudo_gradient(global_params, local), 123_457)
-    outer.ensure_nonempty(acc)
-    new = _apply(state, outer.weighted_mean_result(acc), tx)
+    mean, total, n = _mean([(outer.pseudo_gradient(global_params, local), 123_457)])
+    assert (total, n) == (123_457.0, 1)
+    new = _apply(state, mean, tx)
     # Bit-exact: the running mean returns a lone silo's Δ unchanged (a sum-then-divide by
     # 123457 tokens would not), and θ − (θ − θ_k) is exact for nearby θ, θ_k.
     jax.tree.map(lambda a, e: np.testing.assert_array_equal(np.asarray(a), np.asarray(e)), new.params, local)
@@ -64,17 +70,14 @@ def test_fedavg_lr1_one_silo_reproduces_local_params_exactly():
 
 
 def test_token_weighted_mean_weights_order_and_running_sum():
-    deltas = [_toy(s) for s in (10, 11, 12)]
+    deltas = [_jnp(_toy(s)) for s in (10, 11, 12)]
     weights = [1, 3, 5]
-    acc = outer.weighted_mean_init(deltas[0])
-    acc = _add(acc, _jnp(deltas[0]), 1)
-    acc = _add(acc, _jnp(deltas[1]), 3)
-    two = outer.weighted_mean_result(acc)
+    two, total, n = _mean([(deltas[0], 1), (deltas[1], 3)])
     expected_two = jax.tree.map(lambda a, b: (1 * a + 3 * b) / 4, *deltas[:2])
     _assert_tree_close(two, expected_two, rtol=1e-6, atol=1e-6)
-    assert float(acc.weight) == 4.0
+    assert (total, n) == (4.0, 2)
     # The accumulator holds one model, not one per silo.
-    assert jax.tree.structure(acc.mean) == jax.tree.structure(deltas[0])
+    assert jax.tree.structure(two) == jax.tree.structure(deltas[0])
 
     # Equal to the plain running sum Σ w Δ / Σ w (float64), in any order.
     expected = jax.tree.map(
@@ -82,31 +85,29 @@ def test_token_weighted_mean_weights_order_and_running_sum():
     )
     results = []
     for order in itertools.permutations(range(3)):
-        acc = outer.weighted_mean_init(deltas[0])
-        for i in order:
-            acc = _add(acc, _jnp(deltas[i]), weights[i])
-        results.append(outer.weighted_mean_result(acc))
+        results.append(_mean([(deltas[i], weights[i]) for i in order])[0])
         _assert_tree_close(results[-1], expected, rtol=1e-6, atol=1e-6)
     for r in results[1:]:
         _assert_tree_close(r, results[0], rtol=1e-6, atol=1e-6)
 
 
-def test_zero_weight_adds_nothing_and_empty_mean_is_flagged():
+def test_running_fractions_are_the_factors_of_the_fold():
+    fr = outer.running_fractions([1.0, 3.0, 0.0, 4.0])
+    assert [float(f) for f in fr] == [1.0, 0.75, 0.0, 0.5]
+    assert all(f.dtype == np.float32 for f in fr)
+
+
+def test_zero_weight_adds_nothing_and_empty_mean_is_refused():
     d = _jnp(_toy(3))
-    empty = outer.weighted_mean_init(d)
-    with pytest.raises(ValueError, match="empty"):
-        outer.ensure_nonempty(empty)
-    acc = _add(empty, d, 0)  # a silo that saw no tokens
-    res = jax.jit(outer.weighted_mean_result)(acc)
-    for x in jax.tree.leaves(res):  # zeros, not NaN
-        np.testing.assert_array_equal(x, np.zeros_like(x))
-    with pytest.raises(ValueError, match="empty"):
-        outer.ensure_nonempty(acc)
-    acc = _add(acc, d, 2)
-    acc = _add(acc, _jnp(_toy(4)), 0)
-    acc = _add(acc, jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), d), 0)  # not even read
-    _assert_tree_close(outer.weighted_mean_result(acc), d, rtol=0, atol=0)
-    assert float(acc.weight) == 2.0
+    with pytest.raises(ValueError, match="nothing to aggregate"):
+        _mean([(d, 0)])  # a silo that saw no tokens
+    with pytest.raises(ValueError, match="nothing to aggregate"):
+        outer.mean_of_payloads(d, [])
+    nan = jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), d)
+    mean, total, n = _mean([(d, 2), (_jnp(_toy(4)), 0)])
+    _assert_tree_close(mean, d, rtol=0, atol=0)
+    assert (total, n) == (2.0, 2)
+    del nan
 
 
 # ------------------------------------------------------ numpy reference optimizers
@@ -293,10 +294,10 @@ def test_shardings_are_kept():
     g = {"w": shard(jnp.arange(16 * 4, dtype=jnp.float32).reshape(16, 4)), "v": shard(jnp.ones((8,)))}
     l = jax.tree.map(lambda x: x * 0.5, g)
     d = jax.jit(outer.pseudo_gradient)(g, l)
-    acc = _add(outer.weighted_mean_init(g), d, 7)
+    mean, _, _ = _mean([(d, 7)], like=g)
     tx = outer.make_outer_optimizer(outer.default_outer_config("diloco"))
     state = jax.jit(outer.outer_init, static_argnames="tx")(g, tx)
-    state = _apply(state, outer.weighted_mean_result(acc), tx)
-    for tree in (d, acc.mean, state.params):
+    state = _apply(state, mean, tx)
+    for tree in (d, mean, state.params):
         for out, ref in zip(jax.tree.leaves(tree), jax.tree.leaves(g)):
             assert out.sharding.is_equivalent_to(ref.sharding, ref.ndim), (out.sharding, ref.sharding)

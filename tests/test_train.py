@@ -12,7 +12,9 @@ from fedjax_lm import config as config_lib
 from fedjax_lm import model as model_lib
 from fedjax_lm import optim
 from fedjax_lm import sharding
+from fedjax_lm import runs
 from fedjax_lm import train
+from fedjax_lm.data import Corpus, select
 from fedjax_lm.silo import Silo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,7 +30,7 @@ def tiny_config(small_corpus, **train_overrides):
     c = config_lib.load_config(
         os.path.join(ROOT, "experiments/centralized.py") + ":size=tiny,steps=6,vocab=512"
     )
-    c.data = small_corpus
+    c.data = small_corpus.copy_and_resolve_references()  # never mutate the shared fixture
     c.model.update(dict(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, vocab_size=512))
     c.train.update(
         dict(seq_len=32, batch_size=4, log_every=1, eval_every=0, eval_batches=2, checkpoint_every=3)
@@ -83,12 +85,15 @@ def test_nan_loss_stops_with_a_clear_message(small_corpus, tmp_path):
     c.optim.clip_norm = 0.0
     c.optim.warmup_steps = 0
     c.train.steps = 30
-    with pytest.raises(train.NonFiniteLossError, match="loss became nan at step"):
+    with pytest.raises(runs.NonFiniteLossError, match="loss became nan at step"):
         train.train(c, str(tmp_path / "nan"))
 
 
 def test_vocab_mismatch_is_named(small_corpus, tmp_path):
     c = tiny_config(small_corpus)
     c.model.vocab_size = 1000
-    with pytest.raises(ValueError, match="model.vocab_size=1000.*512"):
+    with pytest.raises(ValueError, match="data.vocab_size=512.*model.vocab_size=1000"):
         train.train(c, str(tmp_path / "v"))
+    corpus = Corpus.load(small_corpus.corpus_dir)  # a corpus built with another vocabulary
+    with pytest.raises(ValueError, match="model.vocab_size=1000.*512"):
+        select.check_vocab(c, corpus)

@@ -4,8 +4,8 @@
 order of `weights`. Reads are issued ahead — all silos' copies of a leaf, then the next
 leaves' — while the bytes in flight stay within `read_budget_bytes`, and consumed in order:
 each read array is decoded and folded into the leaf's running mean by one fused, jitted
-XLA kernel, `compression.fold_into_mean` (``mean += w/W · (decode(x) − mean)`` with the f32
-running total W of `compression.running_fractions`), whose mean buffer is donated. The
+XLA kernel, `outer.fold_into_mean` (``mean += w/W · (decode(x) − mean)`` with the f32
+running total W of `outer.running_fractions`), whose mean buffer is donated. The
 in-memory path of the simulation uses the same kernel and factors: the two agree bit for bit.
 
 Memory: the f32 mean of the model (O(model)) plus at most max(budget, 2 × the largest
@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_lm import compression
+from fedjax_lm import outer
 from fedjax_lm.store import arrays as arrays_lib
 from fedjax_lm.store import updates as updates_lib
 from fedjax_lm.store import validate as validate_lib
@@ -115,7 +115,7 @@ def stream_weighted_mean(
         raise ValueError(
             f"weighted mean of round {round} is empty (total weight 0): no silo contributed tokens"
         )
-    fracs = dict(zip(silos, compression.running_fractions([float(weights[s]) for s in silos])))
+    fracs = dict(zip(silos, outer.running_fractions([float(weights[s]) for s in silos])))
     manifests = dict(manifests or {})
     for s in silos:
         if s not in manifests:
@@ -158,10 +158,10 @@ def stream_weighted_mean(
         arrays = dict(zip(sorted(fields), data))
         if verify_sha256:
             _verify(arrays, fields, silo, round)
-        # The in-memory aggregation (federation.FederatedAlgorithm.apply) folds with the same
+        # The in-memory aggregation (outer.mean_of_payloads) folds with the same
         # kernel and factors, so both paths give bit-identical means.
         zeros = means.pop(param) if param in means else jnp.zeros(shape, jnp.float32)
-        mean = compression.fold_into_mean(zeros, arrays, fracs[silo])
+        mean = outer.fold_into_mean(zeros, arrays, fracs[silo])
         # Wait for the kernel: otherwise async dispatch would queue device copies of many
         # silos' leaves (memory growing with the silo count). Reads are already in flight.
         means[param] = mean.block_until_ready()

@@ -85,6 +85,10 @@ class Store:
     ) -> tuple[PyTree, PyTree, dict[str, Any]]:
         return self._checkpoints.read_global(round, abstract_params, abstract_opt_state)
 
+    def read_global_params(self, round: int, abstract_params: PyTree) -> PyTree:
+        """The params of global/<round> alone (eval, export, generate)."""
+        return self._checkpoints.read_global_params(round, abstract_params)
+
     def read_global_meta(self, round: int) -> dict[str, Any]:
         return self._checkpoints.read_global_meta(round)
 

@@ -101,6 +101,12 @@ class Checkpoints:
         )
         return out["params"], out["opt_state"], dict(out["meta"])
 
+    def read_global_params(self, round: int, abstract_params: PyTree) -> PyTree:
+        out = self._require_global(round).restore(
+            round, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))
+        )
+        return out["params"]
+
     def read_global_meta(self, round: int) -> dict[str, Any]:
         out = self._require_global(round).restore(round, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return dict(out["meta"])

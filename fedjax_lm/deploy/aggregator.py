@@ -1,0 +1,251 @@
+"""The aggregator process: publishes global/r, closes each round at its deadline, steps the outer optimizer."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+
+from fedjax_lm import config as config_lib
+from fedjax_lm import data as data_lib
+from fedjax_lm import evaluate as eval_lib
+from fedjax_lm import federation as fed_lib
+from fedjax_lm import model as model_lib
+from fedjax_lm import monitor
+from fedjax_lm import outer
+from fedjax_lm import runs
+from fedjax_lm import store as store_lib
+from fedjax_lm.data import select
+from fedjax_lm.deploy.common import (
+    check_deployable,
+    check_store_run,
+    log,
+    read_server,
+    shared_config,
+    silo_names,
+)
+
+
+class Deadlines:
+    """Fixed, or adaptive: factor x the slowest silo of the recent rounds, at least min_deadline_s."""
+
+    def __init__(self, cfg: Mapping[str, Any]):
+        self.cfg = cfg
+        self.recent: list[float] = []
+
+    def observe(self, durations: Sequence[float]) -> None:
+        if durations:
+            self.recent = (self.recent + [max(durations)])[-3:]
+
+    def next(self) -> float:
+        if not self.cfg["adaptive_deadline"] or not self.recent:
+            return float(self.cfg["deadline_s"])
+        return max(
+            float(self.cfg["min_deadline_s"]),
+            float(self.cfg["deadline_factor"]) * statistics.median(self.recent),
+        )
+
+
+class Aggregator:
+    def __init__(
+        self, config: ml_collections.ConfigDict, store_root: str, workdir: str, *, allow_config_change=False
+    ):
+        config_lib.validate(config)
+        check_deployable(config)
+        self.config, self.workdir, self.allow = config, workdir, allow_config_change
+        self.deploy = config.federation.deploy
+        self.store = store_lib.Store(store_root)
+        self.fed = fed_lib.Federation(config, silo_names(config))
+        self.deadlines = Deadlines(self.deploy)
+        self.ledger = monitor.CommLedger()
+
+    def _publish(self, r: int, server: outer.OuterState, extra: Mapping[str, Any]) -> None:
+        now = time.time()
+        meta = {
+            "round": r,
+            "sampled": self.fed.sample(r),
+            "published_at": now,
+            "deadline": now + self.deadlines.next(),
+        }
+        if self.store.publish_global(r, server.params, server.opt_state, {**meta, **extra}):
+            log(
+                "aggregator",
+                f"published global/{r}: silos {meta['sampled']}, deadline in {meta['deadline'] - now:.0f}s",
+            )
+
+    def wait_for_round(self, r: int, meta: Mapping[str, Any]) -> list[str]:
+        """Until every sampled silo committed, or the deadline once `quorum` did; shows who is in."""
+        sampled = list(meta["sampled"])
+        quorum = min(int(self.deploy.quorum), len(sampled))
+        shown, last_shown, warned = None, 0.0, False
+        while True:
+            committed = self.store.committed_silos(r, sampled)
+            now = time.time()
+            if committed != shown or now - last_shown > 30:
+                left = meta["deadline"] - now
+                log(
+                    "aggregator",
+                    f"round {r}: committed {len(committed)}/{len(sampled)} {committed}; "
+                    + (f"deadline in {left:.0f}s" if left > 0 else f"deadline passed {-left:.0f}s ago"),
+                )
+                shown, last_shown = committed, now
+            if len(committed) == len(sampled):
+                return committed
+            if now >= meta["deadline"]:
+                if len(committed) >= quorum:
+                    late = sorted(set(sampled) - set(committed))
+                    log(
+                        "aggregator",
+                        f"round {r}: deadline passed; closing with {len(committed)}/{len(sampled)} silos, late: {late}",
+                    )
+                    return committed
+                if not warned:
+                    log(
+                        "aggregator",
+                        f"round {r}: deadline passed with {len(committed)} < quorum {quorum}; waiting",
+                    )
+                    warned = True
+            time.sleep(float(self.deploy.poll_s))
+
+    def _log_late_updates(self, r: int) -> list[str]:
+        """Updates committed for round r-1 after it closed: ignored, and said so."""
+        if r == 0:
+            return []
+        prev = self.store.read_global_meta(r)
+        seen = set(prev.get("accepted", [])) | set(prev.get("rejected", {}))
+        late = sorted(set(self.store.committed_silos(r - 1)) - seen)
+        for silo in late:
+            log("aggregator", f"ignored late update of silo {silo} for closed round {r - 1}")
+        return late
+
+    def close_round(self, r: int, server: outer.OuterState, meta: Mapping[str, Any]):
+        committed = self.wait_for_round(r, meta)
+        late = self._log_late_updates(r)
+        manifests, rejected = {}, {}
+        for silo in sorted(set(self.store.committed_silos(r)) | set(committed)):  # unsampled ones too
+            try:
+                manifests[silo] = self.store.validate_update(
+                    r,
+                    silo,
+                    self.fed.abstract_payload,
+                    expected_silos=meta["sampled"],
+                    closed_rounds=set(range(r)),
+                    current_round=r,
+                    max_norm=self.fed.max_norm,
+                    like_params=self.fed.silo.abstract_params,
+                )
+            except store_lib.UpdateRejected as e:
+                rejected[silo] = str(e)
+                log("aggregator", f"REJECTED {e}")
+        weights = {s: float(m["tokens"]) for s, m in manifests.items()}
+        if weights:
+            mean = self.store.stream_weighted_mean(r, weights, server.params, manifests=manifests)
+            server, diag = self.fed.step(server, jax.device_put(mean, self.fed.silo.param_shardings))
+        else:
+            log("aggregator", f"round {r}: no acceptable update; global params unchanged")
+            server, diag = outer.OuterState(server.params, server.opt_state, server.round + 1), {}
+        self.deadlines.observe(
+            [m["finished_at"] - meta["published_at"] for m in manifests.values() if "finished_at" in m]
+        )
+        accepted = {
+            s: {"tokens": weights[s], "loss": float(m["loss"]), "bytes_up": int(m["bytes"])}
+            for s, m in manifests.items()
+        }
+        row = self.fed.round_row(
+            r,
+            accepted,
+            self.ledger,
+            diag,
+            rejected=rejected,
+            ignored_late=late,
+            silo_seconds={s: m.get("finished_at", 0) - meta["published_at"] for s, m in manifests.items()},
+        )
+        return server, row
+
+    def _start_or_resume(self) -> int:
+        run = {
+            "shared_config": shared_config(self.config),
+            "fingerprint": runs.fingerprint(shared_config(self.config)),
+        }
+        r = self.store.latest_global()
+        if r is None:
+            self.store.write_run({**run, "config": runs.config_dict(self.config), "silos": self.fed.names})
+            self._publish(0, self.fed.init_server(int(self.config.train.seed)), {})
+            return 0
+        check_store_run(self.store, self.config, "aggregator")
+        log("aggregator", f"resuming at round {r} of {self.fed.rounds}")
+        for q in range(r):  # the ledger is rebuilt from what the store holds
+            m = self.store.read_global_meta(q + 1)
+            if "comm" in m:
+                self.ledger.rounds.append(m["comm"])
+        return r
+
+    def run(self) -> dict[str, Any]:
+        t0 = time.time()
+        runs.open_workdir(
+            self.workdir,
+            self.config,
+            "federated-deployment",
+            allow_config_change=self.allow,
+            store=self.store.root,
+        )
+        owner = {"role": "aggregator", "workdir": os.path.abspath(self.workdir)}
+        with self.store.acquire_aggregator_lock(owner) as lock:
+            r = self._start_or_resume()
+            writer = monitor.MetricWriter(self.workdir)
+            writer.truncate("rounds", keep_below=r)  # a crash between the row and the publish
+            while r < self.fed.rounds:
+                server, meta = read_server(self.fed, self.store, r)
+                t_round = time.perf_counter()
+                server, row = self.close_round(r, server, meta)
+                lock.refresh()
+                row["time_aggregate"] = time.perf_counter() - t_round
+                writer.write("rounds", r + 1, row)
+                log(
+                    "aggregator",
+                    f"round {r + 1}/{self.fed.rounds}: accepted {row['accepted']} "
+                    f"rejected {sorted(row['rejected'])} loss {row['train_loss']}",
+                )
+                pause = float(os.environ.get("FEDJAX_PAUSE_BEFORE_PUBLISH_S", "0"))  # fault-injection window
+                if pause:
+                    log("aggregator", f"pausing before publishing global/{r + 1} for {pause}s")
+                    time.sleep(pause)
+                extra = {"closed": r, "accepted": row["accepted"], "rejected": row["rejected"]}
+                self._publish(r + 1, server, {**extra, "comm": self.ledger.rounds[-1]})
+                r += 1
+            summary = self._summary(read_server(self.fed, self.store, self.fed.rounds)[0], time.time() - t0)
+            writer.close()
+        return summary
+
+    def _summary(self, server: outer.OuterState, wall: float) -> dict[str, Any]:
+        summary = {
+            "config": self.config.name,
+            "kind": "federated-deployment",
+            "rounds": self.fed.rounds,
+            "store": self.store.root,
+            "wall_time_s": wall,
+            "params": model_lib.param_count(self.fed.silo.model_config),
+            "communication": self.ledger.totals(),
+        }
+        try:
+            corpus = data_lib.Corpus.load(self.config.data.corpus_dir)
+            sets = eval_lib.eval_sets(
+                corpus,
+                select.active_silos(self.config, corpus),
+                seq_len=self.fed.seq_len,
+                batch_size=self.fed.batch_size,
+                max_batches=int(self.config.train.eval_batches),
+            )
+            summary["val"] = eval_lib.evaluate(self.fed.silo, server.params, sets)
+            print(eval_lib.format_table(summary["val"]))
+        except FileNotFoundError:
+            log("aggregator", "no validation corpus here; skipping the final evaluation")
+        print(f"traffic vs data-parallel: {summary['communication']['traffic_ratio_vs_dp']:.1f}x less")
+        runs.write_json_atomic(os.path.join(self.workdir, "summary.json"), summary)
+        summary["server"] = server
+        return summary

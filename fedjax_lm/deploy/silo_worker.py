@@ -1,0 +1,136 @@
+"""A silo process: trains the rounds it is sampled in and commits its updates to the store."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import ml_collections
+
+from fedjax_lm import config as config_lib
+from fedjax_lm import federation as fed_lib
+from fedjax_lm import model as model_lib
+from fedjax_lm import store as store_lib
+from fedjax_lm.data import select
+from fedjax_lm.deploy.common import check_deployable, check_store_run, log, read_server
+
+
+class SiloWorker:
+    def __init__(self, config: ml_collections.ConfigDict, store_root: str, name: str):
+        config_lib.validate(config)
+        check_deployable(config)
+        self.config, self.name = config, name
+        self.poll = float(config.federation.deploy.poll_s)
+        self.store = store_lib.Store(store_root)
+        corpus = select.ensure_corpus(config.data)
+        select.check_vocab(config, corpus)
+        corpus.check_silos([name])
+        self.corpus = corpus
+        self.fed: fed_lib.Federation | None = None  # built once the store's run.json is there
+        self.iterator = select.silo_iterator(corpus, name, config)
+
+    def _join(self) -> fed_lib.Federation:
+        while self.store.latest_global() is None:
+            time.sleep(self.poll)
+        run = check_store_run(self.store, self.config, f"silo {self.name}")
+        if self.name not in run.get("silos", []):
+            raise ValueError(
+                f"silo {self.name!r} is not a member of this federation; its silos are {run.get('silos')}"
+            )
+        return fed_lib.Federation(self.config, run["silos"])
+
+    def _load_private(self, params) -> tuple[dict[str, Any], int]:
+        """(private arrays, last round trained); a fresh state before the first round."""
+        last = self.store.latest_silo_state(self.name)
+        if last is None:
+            return self.fed.fresh_private(params), -1
+        arrays, meta = self.store.restore_silo_state(self.name, last, self.fed.abstract_private())
+        self.iterator.set_state(meta["data_iterator"])
+        return {"opt_state": arrays.get("opt_state"), "error": arrays.get("error")}, int(meta["round"])
+
+    def _save_private(self, r: int, private: Mapping[str, Any]) -> None:
+        arrays = {k: v for k, v in private.items() if v is not None}
+        self.store.save_silo_state(
+            self.name, r, arrays, {"round": r, "data_iterator": self.iterator.get_state()}
+        )
+
+    def _train(self, r: int, private, *, progress: bool):
+        try:
+            server, _ = read_server(self.fed, self.store, r)
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"silo {self.name}: global/{r} is no longer in the store, so the private state of round {r} "
+                f"cannot be rebuilt; keep every global checkpoint (Store keep_globals=None)"
+            ) from None
+        batches = select.next_batches(self.iterator, self.fed.H)
+        t = time.perf_counter()
+        report = fed_lib.round_progress(self.name, r, self.fed) if progress else None
+        out = self.fed.train_silo(server.params, private, batches, r, report)
+        return out, time.perf_counter() - t, server.params
+
+    def catch_up(self, r: int) -> tuple[dict[str, Any], int]:
+        """The private state as of the start of round r: replays committed rounds it has not saved."""
+        private, last = self._load_private(self.store.read_global_params(r, self.fed.abstract_params))
+        for q in range(last + 1, r):
+            if self.store.is_committed(q, self.name):
+                log(
+                    self.name,
+                    f"round {q}: committed before a restart; replaying it to rebuild the private state",
+                )
+                out, _, _ = self._train(q, private, progress=False)
+                private = self.fed.next_private(private, out)
+                self._save_private(q, private)
+                last = q
+        return private, last
+
+    def run(self, max_rounds: int | None = None) -> int:
+        """Takes part until the last round; returns the number of updates it uploaded."""
+        self.fed = self._join()
+        uploads = 0
+        while True:
+            r = self.store.latest_global()
+            if r >= self.fed.rounds:
+                log(self.name, f"federation finished at round {r}")
+                return uploads
+            meta = self.store.read_global_meta(r)
+            private, last = self.catch_up(r)
+            if self.name not in meta["sampled"] or last >= r:
+                self.store.wait_for_global(r + 1, timeout_s=10 * 24 * 3600, poll_s=self.poll)
+                continue
+            committed = self.store.is_committed(r, self.name)
+            out, secs, _ = self._train(r, private, progress=not committed)
+            del private
+            loss = float(out.metrics["loss"].mean())
+            tokens = float(out.metrics["tokens"].sum())
+            if committed:
+                log(
+                    self.name, f"round {r}: already committed before a restart; rebuilding private state only"
+                )
+            elif not math.isfinite(loss):
+                log(self.name, f"round {r}: local loss {loss}; not uploading")
+            else:
+                manifest = {
+                    "round": r,
+                    "silo": self.name,
+                    "tokens": tokens,
+                    "loss": loss,
+                    "train_seconds": secs,
+                    "method": self.fed.method,
+                    "finished_at": time.time(),
+                    "flops": tokens * model_lib.flops_per_token(self.fed.silo.model_config, self.fed.seq_len),
+                }
+                self.store.write_update(
+                    r, self.name, out.payload, manifest
+                )  # each host writes its own shards
+                uploads += 1
+                log(self.name, f"round {r}: uploaded (loss {loss:.3f}, {tokens:.0f} tokens, {secs:.1f}s)")
+            pause = float(os.environ.get("FEDJAX_SILO_PAUSE_AFTER_COMMIT_S", "0"))  # fault-injection window
+            if pause:
+                log(self.name, f"pausing after the commit of round {r} for {pause}s")
+                time.sleep(pause)
+            self._save_private(r, self.fed.next_private({}, out))
+            if max_rounds is not None and uploads >= max_rounds:
+                return uploads

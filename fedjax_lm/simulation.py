@@ -1,0 +1,275 @@
+"""The one-process driver: every silo and the aggregator of a `Federation` in one process.
+
+    python -m fedjax_lm train --config experiments/photon.py:size=tiny,silos=8 --workdir runs/photon
+
+Its loop: sample the round's silos, train each from the global params (one after another,
+or all at once as one vmapped program with `federation.parallel`), check each update, fold
+them into the token-weighted mean and apply the outer step (`Federation.aggregate`), write
+the round's row, checkpoint. Everything a round *is* lives in `federation`; the multi-process
+deployment (`deploy`) runs the same pieces over a store and ends bit-identical.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from fedjax_lm import checkpoint as ckpt_lib
+from fedjax_lm import config as config_lib
+from fedjax_lm import compression
+from fedjax_lm import evaluate as eval_lib
+from fedjax_lm import federation as fed_lib
+from fedjax_lm import model as model_lib
+from fedjax_lm import monitor
+from fedjax_lm import outer
+from fedjax_lm import runs
+from fedjax_lm.data import select
+
+
+@dataclasses.dataclass
+class SiloPrivate:
+    """What a silo keeps to itself between rounds (in deployment: its own Orbax checkpoint)."""
+
+    arrays: dict[str, Any]  # {"opt_state": ..., "error": ...} (None when not kept)
+    iterator: Any  # grain iterator with get_state / set_state
+
+
+class Simulation:
+    """N silos and one aggregator in one process, over one `Federation`."""
+
+    def __init__(self, config: ml_collections.ConfigDict, corpus, mesh: Mesh | None = None, progress=True):
+        self.fed = fed_lib.Federation(config, select.active_silos(config, corpus), mesh=mesh)
+        self.config, self.corpus, self.progress = config, corpus, progress
+        self._jit_par = None
+
+    def init(self, seed: int) -> tuple[outer.OuterState, dict[str, SiloPrivate]]:
+        server = self.fed.init_server(seed)
+        privates = {
+            n: SiloPrivate(
+                self.fed.fresh_private(server.params), select.silo_iterator(self.corpus, n, self.config)
+            )
+            for n in self.fed.names
+        }
+        return server, privates
+
+    # -- one round -----------------------------------------------------------------------------
+    def run_clients(self, server, privates: Mapping[str, SiloPrivate], sampled: Sequence[str], r: int):
+        batches = {n: select.next_batches(privates[n].iterator, self.fed.H) for n in sampled}
+        if self.fed.fed.parallel:
+            return self._run_parallel(server, privates, sampled, r, batches)
+        return {
+            n: self.fed.train_silo(
+                server.params,
+                privates[n].arrays,
+                batches[n],
+                r,
+                fed_lib.round_progress(n, r + 1, self.fed) if self.progress else None,
+            )
+            for n in sampled
+        }
+
+    def _run_parallel(self, server, privates, sampled, r, batches) -> dict[str, fed_lib.ClientOutput]:
+        """The K sampled silos as one vmapped `client_round` over a leading silo axis."""
+        f, s = self.fed, self.fed.silo
+        devices = jax.devices()
+        n_dev = math.gcd(len(sampled), len(devices))
+        silo_mesh = jax.make_mesh(
+            (n_dev,), ("silo",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices[:n_dev]
+        )
+        lead, rep = NamedSharding(silo_mesh, P("silo")), NamedSharding(silo_mesh, P())
+
+        def stack(trees):
+            if trees[0] is None:
+                return None
+            return jax.tree.map(
+                lambda *xs: jax.device_put(np.stack([np.asarray(x) for x in xs]), lead), *trees
+            )
+
+        opt = stack([privates[n].arrays["opt_state"] for n in sampled])
+        err = stack([privates[n].arrays["error"] for n in sampled])
+        bat = {
+            k: jax.device_put(np.stack([batches[n][k] for n in sampled]), lead) for k in batches[sampled[0]]
+        }
+        params = jax.device_put(jax.device_get(server.params), rep)
+        if self._jit_par is None:
+            client = jax.tree_util.Partial(
+                fed_lib.client_round,
+                step_fn=s.step_fn,
+                tx=s.tx,
+                method=f.method,
+                block_size=f.block_size,
+                reset_opt=not f.keep_opt,
+            )
+            in_axes = (None, 0 if opt is not None else None, 0 if err is not None else None, None, 0)
+            self._jit_par = jax.jit(jax.vmap(client, in_axes=in_axes), out_shardings=lead)
+        out = jax.device_get(self._jit_par(params, opt, err, f.step0(r), bat))
+        result = {}
+        for i, name in enumerate(sampled):  # back to each silo's own layout, as the sequential path
+            one = jax.tree.map(lambda x: x[i], out)
+            result[name] = fed_lib.ClientOutput(
+                payload=one.payload,
+                error=None if one.error is None else jax.device_put(one.error, s.param_shardings),
+                opt_state=None if one.opt_state is None else jax.device_put(one.opt_state, s.opt_shardings),
+                metrics=one.metrics,
+            )
+        return result
+
+    def round(self, server, privates, r: int, timer: monitor.PhaseTimer, ledger: monitor.CommLedger):
+        f = self.fed
+        sampled = f.sample(r)
+        with timer.phase("local_train"):
+            outs = self.run_clients(server, privates, sampled, r)
+            jax.block_until_ready(outs)
+        accepted, rejected = {}, {}
+        for n in sampled:
+            o = outs[n]
+            reason = f.check_update(o.payload)
+            if reason is not None:
+                rejected[n] = reason
+                print(f"[fedjax_lm] round {r}: REJECTED silo {n}: {reason}", flush=True)
+                continue
+            accepted[n] = {
+                "tokens": float(np.asarray(o.metrics["tokens"]).sum()),
+                "loss": float(np.asarray(o.metrics["loss"]).mean()),
+                "bytes_up": compression.payload_nbytes(o.payload),
+            }
+        with timer.phase("aggregate"):
+            if accepted:
+                server, diag = f.aggregate(
+                    server, ((outs[n].payload, accepted[n]["tokens"]) for n in accepted)
+                )
+            else:
+                server, diag = outer.OuterState(server.params, server.opt_state, server.round + 1), {}
+            jax.block_until_ready(server)
+        for n in sampled:  # a silo's private state advances whether or not its update was accepted
+            privates[n].arrays = f.next_private(privates[n].arrays, outs[n])
+        if f.fed.aggregate_inner_moments and accepted:
+            shared = f.shared_moments((outs[n].opt_state, accepted[n]["tokens"]) for n in accepted)
+            for p in privates.values():
+                p.arrays["opt_state"] = shared
+        return server, f.round_row(r, accepted, ledger, diag, rejected=rejected)
+
+
+def _checkpoint_items(server, privates) -> dict[str, Any]:
+    return {
+        "params": server.params,
+        "outer": {"opt_state": server.opt_state, "round": server.round},
+        "silos": {n: p.arrays for n, p in privates.items()},
+    }
+
+
+def train(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    stop_after_round: int | None = None,
+    allow_config_change: bool = False,
+) -> dict[str, Any]:
+    """One-process federated pre-training; resumes from the last round checkpoint in workdir."""
+    t_start = time.time()
+    config_lib.validate(config)
+    runs.open_workdir(workdir, config, "federated", allow_config_change=allow_config_change)
+    corpus = select.ensure_corpus(config.data)
+    select.check_vocab(config, corpus)
+    sim = Simulation(config, corpus)
+    f = sim.fed
+    server, privates = sim.init(int(config.train.seed))
+    ckpt = ckpt_lib.Checkpointer(
+        os.path.join(workdir, "checkpoints"), keep=int(config.train.keep_checkpoints)
+    )
+    ledger = monitor.CommLedger()
+    start = ckpt.latest_step() or 0
+    if start:
+        items, meta = ckpt.restore(start, jax.tree.map(_abstract, _checkpoint_items(server, privates)))
+        server = outer.OuterState(items["params"], items["outer"]["opt_state"], items["outer"]["round"])
+        for n, p in privates.items():
+            p.arrays = items["silos"][n]
+            p.iterator.set_state(meta["iterators"][n])
+        ledger.rounds = meta["ledger"]
+        print(f"[fedjax_lm] resumed after round {start} in {workdir}", flush=True)
+    writer = monitor.MetricWriter(workdir, enabled=jax.process_index() == 0)
+    writer.truncate("rounds", keep_below=start)  # rows of rounds a crash left half-done
+    sets = eval_lib.eval_sets(
+        corpus,
+        f.names,
+        seq_len=f.seq_len,
+        batch_size=f.batch_size,
+        max_batches=int(config.train.eval_batches),
+    )
+    timer = monitor.PhaseTimer()
+    end = f.rounds if stop_after_round is None else min(f.rounds, stop_after_round)
+    eval_every, ckpt_every = int(config.federation.eval_every), int(config.federation.checkpoint_every)
+    for r in range(start, end):
+        t0 = time.perf_counter()
+        server, row = sim.round(server, privates, r, timer, ledger)
+        if row["train_loss"] is not None and not math.isfinite(row["train_loss"]):
+            raise runs.NonFiniteLossError(
+                f"round {r}: silo train loss became {row['train_loss']}; the last round checkpoint is "
+                f"intact; lower optim.lr or the outer lr"
+            )
+        row.update({f"time_{k}": v for k, v in timer.pop().items()})
+        if eval_every and (r + 1) % eval_every == 0 and r + 1 != f.rounds:
+            with timer.phase("eval"):
+                row["val_ppl"] = eval_lib.evaluate(f.silo, server.params, sets)["pooled"]["ppl"]
+            row["time_eval"] = timer.pop().get("eval", 0.0)
+        row["time_round"] = time.perf_counter() - t0
+        writer.write("rounds", r + 1, row)
+        loss = "n/a" if row["train_loss"] is None else f"{row['train_loss']:.3f}"
+        print(
+            f"round {r + 1}/{f.rounds}: silos {row['silos']} train loss {loss}"
+            + (f" val ppl {row['val_ppl']:.2f}" if "val_ppl" in row else "")
+            + f" ({row['time_round']:.1f}s)",
+            flush=True,
+        )
+        if (ckpt_every and (r + 1) % ckpt_every == 0) or r + 1 == end:
+            meta = {
+                "iterators": {n: p.iterator.get_state() for n, p in privates.items()},
+                "ledger": ledger.rounds,
+                "round": r + 1,
+            }
+            ckpt.save(r + 1, _checkpoint_items(server, privates), meta)
+    ckpt.close()
+    if end < f.rounds:
+        writer.close()
+        return {"stopped_at_round": end, "server": server}
+    result = eval_lib.evaluate(f.silo, server.params, sets)
+    writer.write("eval", f.rounds, eval_lib.scalars(result))
+    writer.close()
+    comm = ledger.totals()
+    summary = {
+        "config": config.name,
+        "kind": "federated",
+        "rounds": f.rounds,
+        "local_steps": f.H,
+        "silos": len(f.names),
+        "silos_per_round": int(config.federation.silos_per_round) or len(f.names),
+        "outer": config.federation.outer.name,
+        "compression": config.federation.compression,
+        "tokens": sum(r["tokens"] for r in monitor.rows_by_round(workdir, "rounds").values()),
+        "wall_time_s": time.time() - t_start,
+        "params": model_lib.param_count(f.silo.model_config),
+        "val": result,
+        "communication": comm,
+    }
+    runs.write_json_atomic(os.path.join(workdir, "summary.json"), summary)
+    print(eval_lib.format_table(result))
+    print(
+        f"bytes moved: {monitor.human_bytes(comm['bytes_moved'])} "
+        f"(data-parallel equivalent: {monitor.human_bytes(comm['dp_equivalent_bytes'])})"
+    )
+    print(f"traffic vs data-parallel: {comm['traffic_ratio_vs_dp']:.1f}x less")
+    summary["server"] = server
+    return summary
+
+
+def _abstract(x):
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)

@@ -1,0 +1,54 @@
+"""Run folders: the config fingerprint, refusing a changed config, one metrics row per round."""
+
+import json
+
+import pytest
+
+from fedjax_lm import monitor
+from fedjax_lm import runs
+from fedjax_lm import simulation
+from tests.test_simulation import fed_config
+
+
+def test_fingerprint_and_diff_name_the_fields(small_corpus):
+    a, b = fed_config(small_corpus), fed_config(small_corpus)
+    assert runs.fingerprint(a) == runs.fingerprint(b)
+    b.federation.local_steps = 7
+    b.optim.lr = 0.5
+    assert runs.fingerprint(a) != runs.fingerprint(b)
+    assert runs.config_diff(a, b) == ["federation.local_steps: 3 -> 7", f"optim.lr: {a.optim.lr!r} -> 0.5"]
+
+
+def test_rerunning_a_workdir_with_another_config_is_refused(small_corpus, tmp_path):
+    work = str(tmp_path / "w")
+    runs.open_workdir(work, fed_config(small_corpus), "federated")
+    before = (tmp_path / "w" / "run.json").read_text()
+    changed = fed_config(small_corpus, local_steps=4)
+    with pytest.raises(runs.ConfigMismatch, match=r"federation.local_steps: 3 -> 4.*--allow_config_change"):
+        simulation.train(changed, work)
+    assert (tmp_path / "w" / "run.json").read_text() == before  # refused before writing anything
+    assert not (tmp_path / "w" / "checkpoints").exists()
+    with pytest.raises(runs.ConfigMismatch, match="holds a federated run"):
+        runs.open_workdir(work, fed_config(small_corpus), "centralized")
+    run = runs.open_workdir(work, changed, "federated", allow_config_change=True)
+    assert json.loads((tmp_path / "w" / "run.json").read_text())["fingerprint"] == run["fingerprint"]
+    assert run["fingerprint"] == runs.fingerprint(changed)
+
+
+def test_a_damaged_run_json_is_named(tmp_path):
+    (tmp_path / "run.json").write_text("{not json")
+    with pytest.raises(ValueError, match="run.json is not valid JSON"):
+        runs.read_run(str(tmp_path))
+
+
+def test_metrics_rows_stay_one_per_round_after_a_crash(tmp_path):
+    w = monitor.MetricWriter(str(tmp_path), tensorboard=False)
+    for r in range(3):
+        w.write("rounds", r + 1, {"round": r, "tokens": 10})
+    w.write("rounds", 3, {"round": 2, "tokens": 10})  # round 2 written again after a restart
+    assert w.truncate("rounds", keep_below=2) == 2  # resume at round 2: its rows go
+    w.write("rounds", 3, {"round": 2, "tokens": 10})
+    w.close()
+    rows = monitor.read_jsonl(str(tmp_path / "metrics" / "rounds.jsonl"))
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert sum(r["tokens"] for r in rows) == 30
