@@ -102,6 +102,9 @@ def hf_config(config: ModelConfig, torch_dtype: str = "float32") -> dict[str, An
 def _write_atomic(path: str, write) -> None:
     tmp = path + ".tmp"
     write(tmp)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # safetensors writes 0600; an exported model is meant to be shared
     os.replace(tmp, path)
 
 

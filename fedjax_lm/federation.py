@@ -158,11 +158,22 @@ def sample_silos(names: Sequence[str], k: int, seed: int, round_idx: int) -> lis
     return sorted(rng.choice(names, size=k, replace=False).tolist())
 
 
+MIN_AUTO_CHUNK = 32  # local steps: each compiled call costs ~1/3 of a step on CPU (see report_chunk)
+
+
 def report_chunk(h: int, report_every: int = 0) -> int:
-    """Local steps per compiled chunk: a divisor of H (one program), about H/8 unless set."""
-    target = report_every or max(1, math.ceil(h / 8))
-    target = min(target, h)
-    return max(d for d in range(1, target + 1) if h % d == 0)
+    """Local steps per compiled chunk, always a divisor of H (one program for the whole round).
+
+    `report_every` > 0: the largest divisor of H not above it. 0 (auto): the smallest divisor of
+    H that is at least max(H/8, 32). Every extra call costs a fixed ~25 ms on XLA:CPU (about a
+    third of a tiny-model step: fresh temp buffers per execution), so chunks shorter than ~32
+    steps would cost more than the 2% budget (benchmarks/round_chunks.py); a round short enough
+    to be one chunk is over in seconds anyway.
+    """
+    if report_every > 0:
+        return max(d for d in range(1, min(report_every, h) + 1) if h % d == 0)
+    target = min(h, max(math.ceil(h / 8), MIN_AUTO_CHUNK))
+    return min(d for d in range(target, h + 1) if h % d == 0)
 
 
 # ---------------------------------------------------------------------------- client
@@ -331,9 +342,9 @@ class Federation:
         with jax.set_mesh(s.mesh):  # inner_state=reset: opt_state is None, client_init makes it
             state = self._init(global_params, private.get("opt_state"), self.step0(r))
         pending, chunks = None, []
+        on_mesh = s.put_batch(batches, ndim=3)
         for i in range(0, self.H, self.chunk):
-            part = s.put_batch({k: v[i : i + self.chunk] for k, v in batches.items()}, ndim=3)
-            state, metrics = s.local_train(state, part)
+            state, metrics = s.local_train_chunk(state, on_mesh, np.int32(i), self.chunk)
             chunks.append(metrics)
             if pending is not None and progress is not None:
                 progress(*pending)

@@ -169,41 +169,60 @@ class CommLedger:
 
 
 class StepProgress:
-    """A progress line for steps inside a round: step, loss, tokens/s and the ETA (stderr).
+    """Progress of the steps inside a round: step, loss, tokens/s and the round's ETA (stderr).
 
-    Only process 0 shows it; in a log file (no terminal) it prints at most every 10 s.
+    A live bar on a terminal; in a log file a plain line at most every `log_every_s` (so short
+    rounds print nothing and a round of hours says where it is). Only process 0 shows it.
     """
 
-    def __init__(self, desc: str, *, total: int, tokens_per_step: int, enabled: bool | None = None):
+    def __init__(
+        self,
+        desc: str,
+        *,
+        total: int,
+        tokens_per_step: int,
+        enabled: bool | None = None,
+        log_every_s: float = 30.0,
+    ):
         import sys
-
-        import tqdm
 
         if enabled is None:
             import jax
 
             enabled = jax.process_index() == 0
-        self.tokens_per_step = tokens_per_step
+        self.desc, self.total, self.tokens_per_step = desc, total, tokens_per_step
+        self.enabled, self.log_every_s = enabled, log_every_s
         self.done, self.t0 = 0, time.perf_counter()
-        self.bar = tqdm.tqdm(
-            total=total,
-            desc=desc,
-            unit="step",
-            file=sys.stderr,
-            disable=not enabled,
-            leave=False,
-            dynamic_ncols=True,
-            mininterval=0.5 if sys.stderr.isatty() else 10.0,
-        )
+        self.last_line = self.t0
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            import tqdm
+
+            self.bar = tqdm.tqdm(
+                total=total, desc=desc, unit="step", file=sys.stderr, leave=False, dynamic_ncols=True
+            )
 
     def update(self, done: int, *, loss: float) -> None:
-        self.bar.update(done - self.done)
+        import sys
+
+        now = time.perf_counter()
+        rate = done * self.tokens_per_step / max(now - self.t0, 1e-9)
+        if self.bar is not None:
+            self.bar.update(done - self.done)
+            self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}", refresh=False)
+        elif self.enabled and done < self.total and now - self.last_line >= self.log_every_s:
+            eta = (self.total - done) * (now - self.t0) / max(done, 1)
+            print(
+                f"{self.desc}: step {done}/{self.total} loss {loss:.3f}, {rate:,.0f} tokens/s, round ETA {eta:.0f}s",
+                file=sys.stderr,
+                flush=True,
+            )
+            self.last_line = now
         self.done = done
-        rate = done * self.tokens_per_step / max(time.perf_counter() - self.t0, 1e-9)
-        self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}", refresh=False)
 
     def close(self) -> None:
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
 
 
 def human_bytes(n: float) -> str:

@@ -221,6 +221,30 @@ class Silo:
         with jax.set_mesh(self.mesh):
             return fn(state, batches)
 
+    def local_train_chunk(
+        self, state: TrainState, batches: Batch, start: jax.Array, steps: int
+    ) -> tuple[TrainState, dict[str, jax.Array]]:
+        """Steps start .. start+steps-1 of a round whose [H, B, L] batches are already on the mesh.
+
+        One compiled program per chunk length, the state donated from chunk to chunk and the
+        batches placed once per round (the chunk is sliced inside the program).
+        """
+        stacked = sharding_lib.batch_sharding(self.mesh, self.rules, ndim=3)
+
+        def chunk(state, batches, start):
+            part = jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, steps), batches)
+            return local_train(state, part, step_fn=self.step_fn)
+
+        fn = self._jit(
+            f"chunk{steps}",
+            chunk,
+            in_shardings=(self.state_shardings, stacked, None),
+            out_shardings=(self.state_shardings, None),
+            donate_argnums=(0,),
+        )
+        with jax.set_mesh(self.mesh):
+            return fn(state, batches, start)
+
     def eval_step(self, params: Any, batch: Batch) -> dict[str, jax.Array]:
         fn = self._jit(
             "eval",

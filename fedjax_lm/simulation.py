@@ -200,7 +200,7 @@ def train(
     writer.truncate("rounds", keep_below=start)  # rows of rounds a crash left half-done
     sets = eval_lib.eval_sets(
         corpus,
-        f.names,
+        select.active_silos(config, corpus),  # the corpus's order, as in the centralized run
         seq_len=f.seq_len,
         batch_size=f.batch_size,
         max_batches=int(config.train.eval_batches),

@@ -143,6 +143,9 @@ def test_config_json_and_tensor_layout(tmp_path):
     export.export_hf_llama(random_params(TINY), TINY, str(out), tokenizer_path=str(tokenizer))
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["model_type"] == "llama"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask  # readable by others
     assert cfg["hidden_size"] == 48 and cfg["intermediate_size"] == 72
     assert cfg["num_attention_heads"] == 4 and cfg["num_key_value_heads"] == 2
     assert cfg["num_hidden_layers"] == 2 and cfg["head_dim"] == 12

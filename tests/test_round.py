@@ -78,7 +78,8 @@ def test_a_node_compresses_its_upload_with_error_feedback():
 
 
 @pytest.mark.parametrize(
-    "h,every,want", [(32, 0, 4), (3, 0, 1), (500, 0, 50), (12, 5, 4), (7, 0, 1), (8, 100, 8)]
+    "h,every,want",
+    [(32, 0, 32), (3, 0, 3), (500, 0, 100), (128, 0, 32), (1024, 0, 128), (12, 5, 4), (7, 2, 1), (8, 100, 8)],
 )
 def test_report_chunk_divides_h(h, every, want):
     assert federation.report_chunk(h, every) == want

@@ -52,3 +52,16 @@ def test_metrics_rows_stay_one_per_round_after_a_crash(tmp_path):
     rows = monitor.read_jsonl(str(tmp_path / "metrics" / "rounds.jsonl"))
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert sum(r["tokens"] for r in rows) == 30
+
+
+def test_step_progress_in_a_log_file_prints_at_most_every_interval(capsys):
+    p = monitor.StepProgress("quotes-en r3", total=8, tokens_per_step=100, enabled=True, log_every_s=0.0)
+    for done in (2, 4, 6, 8):
+        p.update(done, loss=5.0 - done / 10)
+    p.close()
+    lines = capsys.readouterr().err.splitlines()  # pytest's stderr is no terminal: plain lines
+    assert len(lines) == 3 and lines[0].startswith("quotes-en r3: step 2/8 loss 4.800,")
+    assert "tokens/s, round ETA" in lines[-1]
+    quiet = monitor.StepProgress("s", total=8, tokens_per_step=1, enabled=True, log_every_s=3600.0)
+    quiet.update(4, loss=1.0)
+    assert capsys.readouterr().err == ""  # a short round prints nothing
