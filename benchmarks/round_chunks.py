@@ -13,7 +13,6 @@ the minima: on a shared 2-core machine the medians move by several % between ide
 from __future__ import annotations
 
 import argparse
-import functools
 import statistics
 import sys
 import time
@@ -45,18 +44,7 @@ def main() -> None:
     private = fed.fresh_private(server.params)
     toks = np.random.default_rng(0).integers(0, c.model.vocab_size, size=(args.H, args.batch, args.seq + 1))
     batches = {"inputs": toks[..., :-1].astype(np.int32), "targets": toks[..., 1:].astype(np.int32)}
-    one_scan = jax.jit(
-        s._with_rules(
-            functools.partial(
-                federation.client_round,
-                step_fn=s.step_fn,
-                tx=s.tx,
-                method=fed.method,
-                block_size=fed.block_size,
-                reset_opt=False,
-            )
-        )
-    )
+    one_scan = jax.jit(fed.client_round_fn())
 
     def whole():
         with jax.set_mesh(s.mesh):

@@ -32,8 +32,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
-from flax import struct
 from jax.sharding import Mesh
 
 from fedjax_lm import compression
@@ -42,7 +40,7 @@ from fedjax_lm import monitor
 from fedjax_lm import outer
 from fedjax_lm import sharding as sharding_lib
 from fedjax_lm import silo as silo_lib
-from fedjax_lm.silo import TrainState, local_train
+from fedjax_lm.client import ClientOutput, client_final, client_init, client_round
 
 INNER_STATE_MODES = ("keep", "reset")
 _FIELDS = {
@@ -82,8 +80,8 @@ def default_federation_config() -> ml_collections.ConfigDict:
             outer=outer.default_outer_config("fedavg"),
             parallel=False,  # simulation: train the K silos of a round in one vmapped program
             sample_seed=0,
-            eval_every=0,  # rounds; 0 = only at the end
-            checkpoint_every=1,  # rounds
+            eval_every=0,  # rounds; 0 = only at the end (an aggregator evaluates if it sees a corpus)
+            checkpoint_every=1,  # rounds (simulation; a deployment publishes a global every round)
             report_every=0,  # local steps between progress reports; 0 = about 8 per round
             # Multi-process deployment (python -m fedjax_lm aggregate / silo) over a store.
             deploy=ml_collections.ConfigDict(
@@ -174,42 +172,6 @@ def report_chunk(h: int, report_every: int = 0) -> int:
         return max(d for d in range(1, min(report_every, h) + 1) if h % d == 0)
     target = min(h, max(math.ceil(h / 8), MIN_AUTO_CHUNK))
     return min(d for d in range(target, h + 1) if h % d == 0)
-
-
-# ---------------------------------------------------------------------------- client
-
-
-@struct.dataclass
-class ClientOutput:
-    payload: Any  # compressed Δ (what is uploaded)
-    error: Any  # error-feedback residual kept by the silo
-    opt_state: Any  # the silo's inner optimizer state after the round
-    metrics: dict[str, Any]  # per local step: loss, grad_norm, tokens, lr
-
-
-def client_init(global_params, opt_state, step0, *, tx: optax.GradientTransformation, reset_opt: bool):
-    """The silo's starting state: fresh copies (the later steps donate their input buffers)."""
-    if reset_opt:
-        opt_state = tx.init(global_params)
-    params = jax.tree.map(jnp.copy, global_params)
-    return TrainState(step=step0, params=params, opt_state=jax.tree.map(jnp.copy, opt_state))
-
-
-def client_final(global_params, local_params, error, *, method: str, block_size: int):
-    """(payload, new error): Δ = θ_global − θ_local, compressed with error feedback."""
-    return compression.compress(outer.pseudo_gradient(global_params, local_params), error, method, block_size)
-
-
-def client_round(
-    global_params, opt_state, error, step0, batches, *, step_fn, tx, method, block_size, reset_opt
-) -> ClientOutput:
-    """client_init -> H client steps -> client_final as one pure function (vmap it over silos)."""
-    state = client_init(global_params, opt_state, step0, tx=tx, reset_opt=reset_opt)
-    state, metrics = local_train(state, batches, step_fn=step_fn)
-    payload, new_error = client_final(
-        global_params, state.params, error, method=method, block_size=block_size
-    )
-    return ClientOutput(payload=payload, error=new_error, opt_state=state.opt_state, metrics=metrics)
 
 
 # ---------------------------------------------------------------------------- node
@@ -356,6 +318,21 @@ class Federation:
             payload, error = self._final(global_params, state.params, private.get("error"))
         metrics = {k: np.concatenate([m[k] for m in host]) for k in host[0]}
         return ClientOutput(payload=payload, error=error, opt_state=state.opt_state, metrics=metrics)
+
+    def client_round_fn(self):
+        """`client_round` bound to this federation, a pure function of (global params, opt state,
+        error, step0, [H, B, L] batches): the silo-parallel simulation vmaps it."""
+        s = self.silo
+        return s._with_rules(
+            functools.partial(
+                client_round,
+                step_fn=s.step_fn,
+                tx=s.tx,
+                method=self.method,
+                block_size=self.block_size,
+                reset_opt=not self.keep_opt,
+            )
+        )
 
     def check_update(self, payload) -> str | None:
         """Why an in-memory update is refused (non-finite, over the norm bound), or None."""

@@ -101,14 +101,7 @@ class Simulation:
         }
         params = jax.device_put(jax.device_get(server.params), rep)
         if self._jit_par is None:
-            client = jax.tree_util.Partial(
-                fed_lib.client_round,
-                step_fn=s.step_fn,
-                tx=s.tx,
-                method=f.method,
-                block_size=f.block_size,
-                reset_opt=not f.keep_opt,
-            )
+            client = f.client_round_fn()
             in_axes = (None, 0 if opt is not None else None, 0 if err is not None else None, None, 0)
             self._jit_par = jax.jit(jax.vmap(client, in_axes=in_axes), out_shardings=lead)
         out = jax.device_get(self._jit_par(params, opt, err, f.step0(r), bat))

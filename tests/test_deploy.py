@@ -110,6 +110,15 @@ def final_params(config, store_root, r):
     return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(params))], meta
 
 
+def assert_equals_simulation(config, tmp_path, got):
+    """The one-process simulation of the same config ends with the same params, bit for bit."""
+    sim = simulation.train(config, str(tmp_path / "sim"))
+    want = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(sim["server"].params))]
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
+    return sim
+
+
 def test_multiprocess_run_equals_one_process_simulation(small_corpus, tmp_path, procs):
     config, spec = make_config(small_corpus, tmp_path)
     p = procs["p"] = Procs(tmp_path, spec)
@@ -121,10 +130,7 @@ def test_multiprocess_run_equals_one_process_simulation(small_corpus, tmp_path, 
         p.wait(s)
     got, meta = final_params(config, p.store, 3)
     assert meta["accepted"] == ["code", "lines", "prose"]
-    sim = simulation.train(config, str(tmp_path / "sim"))
-    want = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(sim["server"].params))]
-    for a, b in zip(got, want):
-        np.testing.assert_array_equal(a, b)
+    sim = assert_equals_simulation(config, tmp_path, got)
     summary = json.loads((tmp_path / "agg" / "summary.json").read_text())
     assert summary["val"]["pooled"]["loss"] == pytest.approx(sim["val"]["pooled"]["loss"], abs=0)
     assert summary["communication"] == json.loads(json.dumps(sim["communication"]))
@@ -172,10 +178,7 @@ def test_silo_killed_between_commit_and_state_save_replays_and_ends_bit_identica
     assert "round 0: committed before a restart; replaying it" in log
     got, meta = final_params(config, p.store, 3)
     assert meta["accepted"] == ["code", "lines", "prose"]
-    sim = simulation.train(config, str(tmp_path / "sim"))
-    want = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(sim["server"].params))]
-    for a, b in zip(got, want):
-        np.testing.assert_array_equal(a, b)
+    assert_equals_simulation(config, tmp_path, got)
 
 
 def test_store_of_another_federation_is_refused(small_corpus, tmp_path, procs):
@@ -234,9 +237,12 @@ def test_killed_aggregator_resumes_the_same_round_to_the_same_params(small_corpu
     p.wait("aggregator2")
     assert "resuming at round 0" in p.log("aggregator2")
     got, _ = final_params(config, p.store, 2)
-    sim = simulation.train(config, str(tmp_path / "sim"))
-    for a, b in zip(got, [np.asarray(x) for x in jax.tree.leaves(jax.device_get(sim["server"].params))]):
-        np.testing.assert_array_equal(a, b)
+    assert_equals_simulation(config, tmp_path, got)
+    # one metrics row per round although round 0 was closed twice
+    assert [json.loads(line)["round"] for line in open(tmp_path / "agg" / "metrics" / "rounds.jsonl")] == [
+        0,
+        1,
+    ]
 
 
 def test_bad_updates_are_rejected_by_name_and_the_round_goes_on(small_corpus, tmp_path, procs):

@@ -1,6 +1,5 @@
 """The one round: a node on its own (a federation of federations), chunked local training, progress."""
 
-import functools
 import os
 
 import jax
@@ -9,9 +8,9 @@ import numpy as np
 import pytest
 
 from fedjax_lm import compression
-from fedjax_lm import config as config_lib
 from fedjax_lm import federation
 from fedjax_lm import outer
+from tests.test_simulation import fed_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -85,20 +84,10 @@ def test_report_chunk_divides_h(h, every, want):
     assert federation.report_chunk(h, every) == want
 
 
-def _fed_config(small_corpus, **fed):
-    c = config_lib.load_config(
-        os.path.join(ROOT, "experiments/photon.py") + ":size=tiny,vocab=512,H=6,rounds=2"
-    )
-    c.data = small_corpus.copy_and_resolve_references()  # never mutate the shared fixture
-    c.model.update(dict(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, vocab_size=512))
-    c.train.update(dict(seq_len=32, batch_size=4, eval_batches=2))
-    c.mesh.update(dict(data=1, fsdp=1, tensor=1))
-    c.federation.update(fed)
-    return c
-
-
 def test_chunked_local_training_equals_one_scan_and_reports_progress(small_corpus):
-    fed = federation.Federation(_fed_config(small_corpus, report_every=2, compression="int8"), ["a", "b"])
+    fed = federation.Federation(
+        fed_config(small_corpus, "H=6,rounds=2", report_every=2, compression="int8"), ["a", "b"]
+    )
     assert fed.chunk == 2
     server = fed.init_server(0)
     private = fed.fresh_private(server.params)
@@ -113,18 +102,7 @@ def test_chunked_local_training_equals_one_scan_and_reports_progress(small_corpu
     assert out.metrics["loss"].shape == (6,) and out.metrics["tokens"].sum() == 6 * 4 * 32
     # the same round as one pure function (one scan of H steps)
     s = fed.silo
-    one = jax.jit(
-        s._with_rules(
-            functools.partial(
-                federation.client_round,
-                step_fn=s.step_fn,
-                tx=s.tx,
-                method="int8",
-                block_size=fed.block_size,
-                reset_opt=False,
-            )
-        )
-    )
+    one = jax.jit(fed.client_round_fn())
     with jax.set_mesh(s.mesh):
         ref = one(
             server.params, private["opt_state"], private["error"], fed.step0(1), s.put_batch(batches, ndim=3)

@@ -205,6 +205,16 @@ class Aggregator:
                 server, row = self.close_round(r, server, meta)
                 lock.refresh()
                 row["time_aggregate"] = time.perf_counter() - t_round
+                every = int(self.config.federation.eval_every)
+                if (
+                    every
+                    and (r + 1) % every == 0
+                    and r + 1 != self.fed.rounds
+                    and self._eval_sets() is not None
+                ):
+                    row["val_ppl"] = eval_lib.evaluate(self.fed.silo, server.params, self._eval_sets())[
+                        "pooled"
+                    ]["ppl"]
                 writer.write("rounds", r + 1, row)
                 log(
                     "aggregator",
@@ -222,6 +232,24 @@ class Aggregator:
             writer.close()
         return summary
 
+    def _eval_sets(self):
+        """Validation batches when the aggregator can see a corpus (`federation.eval_every`, the summary)."""
+        if not hasattr(self, "_sets"):
+            self._sets = None
+            try:
+                corpus = data_lib.Corpus.load(self.config.data.corpus_dir)
+            except FileNotFoundError:
+                log("aggregator", "no validation corpus here: no evaluation (eval_every, final perplexity)")
+            else:
+                self._sets = eval_lib.eval_sets(
+                    corpus,
+                    select.active_silos(self.config, corpus),
+                    seq_len=self.fed.seq_len,
+                    batch_size=self.fed.batch_size,
+                    max_batches=int(self.config.train.eval_batches),
+                )
+        return self._sets
+
     def _summary(self, server: outer.OuterState, wall: float) -> dict[str, Any]:
         summary = {
             "config": self.config.name,
@@ -232,19 +260,9 @@ class Aggregator:
             "params": model_lib.param_count(self.fed.silo.model_config),
             "communication": self.ledger.totals(),
         }
-        try:
-            corpus = data_lib.Corpus.load(self.config.data.corpus_dir)
-            sets = eval_lib.eval_sets(
-                corpus,
-                select.active_silos(self.config, corpus),
-                seq_len=self.fed.seq_len,
-                batch_size=self.fed.batch_size,
-                max_batches=int(self.config.train.eval_batches),
-            )
-            summary["val"] = eval_lib.evaluate(self.fed.silo, server.params, sets)
+        if self._eval_sets() is not None:
+            summary["val"] = eval_lib.evaluate(self.fed.silo, server.params, self._eval_sets())
             print(eval_lib.format_table(summary["val"]))
-        except FileNotFoundError:
-            log("aggregator", "no validation corpus here; skipping the final evaluation")
         print(f"traffic vs data-parallel: {summary['communication']['traffic_ratio_vs_dp']:.1f}x less")
         runs.write_json_atomic(os.path.join(self.workdir, "summary.json"), summary)
         summary["server"] = server
