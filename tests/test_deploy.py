@@ -152,6 +152,19 @@ def test_multiprocess_run_equals_one_process_simulation(small_corpus, tmp_path, 
     assert f"model: global/3 of {p.store}" in r.stdout
     pooled = float(r.stdout.split("pooled")[1].split()[0])
     assert pooled == pytest.approx(sim["val"]["pooled"]["loss"], abs=1e-4)
+    for verb in (
+        ["generate", "--prompt", "def f", "--max_new_tokens", "5"],
+        ["export", "--out", str(tmp_path / "hf")],
+    ):
+        r = subprocess.run(
+            [sys.executable, "-m", "fedjax_lm", verb[0], "--workdir", str(tmp_path / "agg"), *verb[1:]],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env=p.env,
+        )
+        assert r.returncode == 0 and "global/3" in r.stdout + r.stderr, r.stderr[-2000:]
+    assert (tmp_path / "hf" / "tokenizer.model").exists()
 
 
 def test_silo_killed_between_commit_and_state_save_replays_and_ends_bit_identical(

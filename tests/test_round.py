@@ -114,3 +114,18 @@ def test_chunked_local_training_equals_one_scan_and_reports_progress(small_corpu
     want_lr = [float(s.schedule(i)) for i in range(6, 12)]
     np.testing.assert_allclose(out.metrics["lr"], want_lr, rtol=1e-6)
     assert want_lr != [float(s.schedule(i)) for i in range(6)]
+
+
+def test_fresh_private_state_is_placed_like_a_restored_one(small_corpus):
+    """Round 0 (fresh moments) and round 1 (restored) must feed the client the same input types,
+    or every silo compiles its client twice: same sharding, committed, same dtype, no weak type."""
+    fed = federation.Federation(fed_config(small_corpus), ["a", "b"])
+    fresh = fed.fresh_private(fed.init_server(0).params)
+    abstract = fed.abstract_private()
+    assert set(abstract) == {"opt_state", "error"}
+    for key in abstract:
+        got, want = jax.tree.leaves(fresh[key]), jax.tree.leaves(abstract[key])
+        assert len(got) == len(want)
+        for x, a in zip(got, want):
+            assert x.sharding == a.sharding and x.committed, (key, x.sharding, a.sharding)
+            assert x.dtype == a.dtype and not x.weak_type
