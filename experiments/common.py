@@ -27,7 +27,9 @@ def base_config(
     c.model.max_seq_len = max(c.model.max_seq_len, seq_len)
     c.optim = optim.default_optim_config()
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-    c.sharding = ml_collections.ConfigDict(dict(rules=[list(r) for r in sharding.DEFAULT_RULES]))
+    # List-valued fields are tuples: `--config.train.silos='("a", "b")'` (or a list literal, or the flag
+    # repeated) overrides them from the command line.
+    c.sharding = ml_collections.ConfigDict(dict(rules=tuple(tuple(r) for r in sharding.DEFAULT_RULES)))
     c.train = ml_collections.ConfigDict(
         dict(
             seq_len=seq_len,
@@ -39,7 +41,7 @@ def base_config(
             checkpoint_every=100,
             keep_checkpoints=2,
             seed=0,
-            silos=[],  # which of the corpus's silos take part (train and eval); empty = all
+            silos=(),  # which of the corpus's silos take part (train and eval); empty = all
         )
     )
     return c

@@ -43,7 +43,7 @@ def build(arg: str | None, recipe: str, defaults: dict):
         raise ValueError(f"silos={v['silos']}: the natural partition has 1..{len(sources)} silos")
     if v["partition"] == "natural":
         # The corpus keeps all sources (one cache for every variant); the run uses the first N.
-        c.train.silos = sources[: v["silos"]] if v["silos"] < len(sources) else []
+        c.train.silos = tuple(sources[: v["silos"]]) if v["silos"] < len(sources) else ()
     else:
         c.data.partition = v["partition"]
         c.data.num_silos = v["silos"]

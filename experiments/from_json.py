@@ -7,7 +7,7 @@ Accepts a run.json (the config is under "config") or a plain JSON config.
 
 import json
 
-import ml_collections
+from fedjax_lm import config as config_lib
 
 
 def get_config(path: str | None = None):
@@ -19,4 +19,4 @@ def get_config(path: str | None = None):
         obj = obj["config"]
     if "model" not in obj:
         raise ValueError(f"{path} holds no config (no 'model' section)")
-    return ml_collections.ConfigDict(obj)
+    return config_lib.from_json_dict(obj)

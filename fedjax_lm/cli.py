@@ -31,6 +31,12 @@ _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "Sampling temperature (0: greedy)")
 _TOP_K = flags.DEFINE_integer("top_k", 40, "Sample among the k most likely tokens (0: all)")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed")
+_SOURCE = flags.DEFINE_multi_string(
+    "source",
+    None,
+    "A text source NAME=SPEC, repeatable; replaces config.data.sources. SPEC: folder:/path (every .txt/.md "
+    "file a document), jsonl:/path/file.jsonl[:field], hf:dataset[:split[:field]], python-code, or a built-in",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,12 +50,12 @@ class Verb:
 VERBS = {
     "prepare": Verb(
         "build the corpus (tokenizer + per-silo token files); `train` does it when needed",
-        ("config",),
-        "python -m fedjax_lm prepare --config experiments/photon.py",
+        ("config", "source"),
+        "python -m fedjax_lm prepare --config experiments/photon.py --source mine=folder:/data/mine",
     ),
     "train": Verb(
         "centralized training, or a one-process federation for configs with a `federation` section",
-        ("config", "workdir", "allow_config_change"),
+        ("config", "workdir", "source", "allow_config_change"),
         "python -m fedjax_lm train --config experiments/photon.py:size=tiny,silos=8 --workdir runs/photon",
     ),
     "eval": Verb(
@@ -81,9 +87,9 @@ VERBS = {
         "python -m fedjax_lm aggregate --config experiments/photon.py:size=tiny --store runs/store --workdir runs/agg",
     ),
     "silo": Verb(
-        "one silo process of a cross-silo deployment",
-        ("config", "store", "silo"),
-        "python -m fedjax_lm silo --config experiments/photon.py:size=tiny --store runs/store --silo quotes-en",
+        "one silo process of a cross-silo deployment: trains on its own sources with the store's tokenizer",
+        ("config", "store", "silo", "source"),
+        "python -m fedjax_lm silo --config experiments/photon.py:size=tiny --store runs/store --source clinic=folder:/data/clinic",
     ),
 }
 
@@ -232,7 +238,14 @@ def _cmd_aggregate(config) -> None:
 def _cmd_silo(config) -> None:
     from fedjax_lm import deploy
 
-    deploy.SiloWorker(config, _store_root(config), _require(_SILO, "silo", "silo")).run()
+    name = _SILO.value
+    if name is None and _SOURCE.value and len(_SOURCE.value) == 1 and "=" in _SOURCE.value[0].split(":")[0]:
+        name = _SOURCE.value[0].split("=", 1)[0]  # `--source clinic=folder:/data/clinic` is silo clinic
+    if name is None:
+        raise app.UsageError(
+            "`silo` needs --silo NAME (or one --source NAME=SPEC) (python -m fedjax_lm silo --help)"
+        )
+    deploy.SiloWorker(config, _store_root(config), name).run()
 
 
 class _QuietLibraries:
@@ -261,6 +274,10 @@ def _load_config(verb: str):
             f"`{verb}` needs --config FILE[:VARIANT], e.g. --config experiments/photon.py:size=tiny "
             f"(python -m fedjax_lm {verb} --help)"
         )
+    if _SOURCE.value:
+        if "source" not in VERBS[verb].flags:
+            raise app.UsageError(f"`{verb}` takes no --source (python -m fedjax_lm {verb} --help)")
+        config.data.sources = tuple(_SOURCE.value)
     if verb == "compile" and _MESH.value:
         try:
             d, f, t = (int(x) for x in _MESH.value.split(","))

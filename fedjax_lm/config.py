@@ -94,6 +94,20 @@ def apply_overrides(
     return config
 
 
+def _tuples(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _tuples(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return tuple(_tuples(v) for v in obj)
+    return obj
+
+
+def from_json_dict(obj: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    """A config read back from JSON (run.json): lists become tuples again, so list-valued fields
+    stay overridable from the command line (config_flags cannot override list fields)."""
+    return ml_collections.ConfigDict(_tuples(dict(obj)))
+
+
 _SECTIONS = ("model", "data", "optim", "mesh", "sharding", "train")
 
 

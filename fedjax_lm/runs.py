@@ -129,7 +129,9 @@ def config_of(workdir: str) -> ml_collections.ConfigDict:
     run = read_run(workdir)
     if run is None:
         raise FileNotFoundError(f"{workdir} has no {RUN_JSON}: is it a fedjax_lm run folder?")
-    return ml_collections.ConfigDict(run["config"])
+    from fedjax_lm import config as config_lib
+
+    return config_lib.from_json_dict(run["config"])
 
 
 def load_params(config: ml_collections.ConfigDict, workdir: str):

@@ -136,7 +136,7 @@ FAILURES = {  # name -> (the changed settings, the DataError's message)
     ),
     "unreadable file": (
         lambda root, srcs: dict(sources=srcs + [f"jsonl:{root / 'gone.jsonl'}"]),
-        r"cannot read .*gone\.jsonl: No such file",
+        r"source jsonl:.*gone\.jsonl: no such file",
     ),
     "tokenizer failure": (
         lambda root, srcs: dict(vocab_size=60_000),

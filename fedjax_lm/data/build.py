@@ -21,6 +21,7 @@ import fcntl
 import functools
 import hashlib
 import json
+import os
 import pathlib
 import shutil
 import time
@@ -93,14 +94,24 @@ def _check_settings(s: dict) -> None:
         )
 
 
-def _load_sources(s: dict, raw_dir: pathlib.Path, log) -> tuple[list, list[list[str]]]:
-    """(metadata per source, kept documents per source)."""
-    sources = [make_source(spec, log=log) for spec in s["sources"]]
+def check_sources(specs, log=_print) -> list:
+    """Every source spec parsed, and user files and folders checked, before anything is read or
+    downloaded: a malformed spec, a missing or empty folder, a missing file fails here, named."""
+    sources = [make_source(str(spec), log=log) for spec in specs]
     names = [src.name for src in sources]
     if dupes := sorted({n for n in names if names.count(n) > 1}):
         raise DataError(
             f"two sources would make the same silo {dupes}: prefix one with NAME= (e.g. mine=folder:/data)"
         )
+    for src in sources:
+        if hasattr(src, "check"):
+            src.check()
+    return sources
+
+
+def _load_sources(s: dict, raw_dir: pathlib.Path, log) -> tuple[list, list[list[str]]]:
+    """(metadata per source, kept documents per source)."""
+    sources = check_sources(s["sources"], log)
     metas, kept_docs = [], []
     for src in sources:
         t0 = time.time()
@@ -225,6 +236,7 @@ def prepare(data_cfg: Any, *, log: Callable[[str], None] = _print, repair: bool 
             log(f"corpus at {corpus_dir} is up to date ({len(info['silos'])} silos)")
             return CorpusInfo(corpus_dir, info, rebuilt=False)
     _check_settings(s)
+    check_sources(s["sources"], log=lambda _: None)  # a bad spec or path fails before any folder is made
     with _lock(corpus_dir):
         swap.recover(corpus_dir, log)
         info, why = _up_to_date(corpus_dir, key)
@@ -233,7 +245,8 @@ def prepare(data_cfg: Any, *, log: Callable[[str], None] = _print, repair: bool 
         if why:
             log(f"corpus at {corpus_dir} {why}: rebuilding")
         try:
-            info = _build(s, key, corpus_dir, swap.staging_dir(corpus_dir), log)
+            given = os.path.expanduser(str(config_lib.field(data_cfg, "tokenizer")))
+            info = _build(s, key, corpus_dir, swap.staging_dir(corpus_dir), log, given=given)
             swap.commit(corpus_dir)
         except BaseException:
             # The old corpus is untouched unless the swap had begun; then finish it (the
@@ -247,7 +260,7 @@ def prepare(data_cfg: Any, *, log: Callable[[str], None] = _print, repair: bool 
         return CorpusInfo(corpus_dir, info, rebuilt=True)
 
 
-def _build(s: dict, key: str, corpus_dir: pathlib.Path, staged: pathlib.Path, log) -> dict:
+def _build(s: dict, key: str, corpus_dir: pathlib.Path, staged: pathlib.Path, log, given: str = "") -> dict:
     """Builds the corpus into `staged` (corpus.json last); downloads go to corpus_dir/raw."""
     t_start = time.time()
     if staged.exists():
@@ -258,7 +271,7 @@ def _build(s: dict, key: str, corpus_dir: pathlib.Path, staged: pathlib.Path, lo
     names = [m["name"] for m in metas]
 
     sample = []
-    for name, docs in zip(names, kept_docs):
+    for name, docs in zip(names, [] if given else kept_docs):
         sizes = [len(d.encode("utf-8")) for d in docs]
         idx = sampling.sample_by_bytes(
             sizes, s["tokenizer_sample_bytes"], sampling.rng_for(s["seed"], name, "tokenizer")
@@ -266,12 +279,22 @@ def _build(s: dict, key: str, corpus_dir: pathlib.Path, staged: pathlib.Path, lo
         sample.extend(docs[i] for i in idx)
     t0 = time.time()
     tok_path = staged / TOKENIZER_FILE
-    train_tokenizer(sample, s["vocab_size"], tok_path)
-    tok = Tokenizer(tok_path)
-    log(
-        f"tokenizer: BPE, {tok.vocab_size} pieces, trained on "
-        f"{sum(len(d.encode('utf-8')) for d in sample):,} bytes [{time.time() - t0:.1f}s]"
-    )
+    if given:
+        shutil.copyfile(given, tok_path)
+        tok = Tokenizer(tok_path)
+        if tok.vocab_size != s["vocab_size"]:
+            raise DataError(
+                f"data.tokenizer={given} has {tok.vocab_size} pieces but data.vocab_size={s['vocab_size']}; "
+                "set data.vocab_size and model.vocab_size to the tokenizer's"
+            )
+        log(f"tokenizer: {given} ({tok.vocab_size} pieces, sha256 {s['tokenizer_sha256'][:12]}), not trained")
+    else:
+        train_tokenizer(sample, s["vocab_size"], tok_path)
+        tok = Tokenizer(tok_path)
+        log(
+            f"tokenizer: BPE, {tok.vocab_size} pieces, trained on "
+            f"{sum(len(d.encode('utf-8')) for d in sample):,} bytes [{time.time() - t0:.1f}s]"
+        )
     del sample
 
     docs = [d for ds in kept_docs for d in ds]

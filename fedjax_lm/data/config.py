@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import json
 from typing import Any, Mapping
 
 import ml_collections
 
+from fedjax_lm.data.errors import DataError
 from fedjax_lm.data.sources import DEFAULT_SOURCES
 
 # Bump when prepare's output for the same settings changes (parsers, file format).
@@ -18,7 +20,8 @@ def default_data_config() -> ml_collections.ConfigDict:
     """Defaults for the `data` part of an experiment config."""
     cfg = ml_collections.ConfigDict()
     cfg.corpus_dir = "cache/corpus"
-    cfg.sources = list(DEFAULT_SOURCES)
+    cfg.sources = tuple(DEFAULT_SOURCES)  # a tuple: settable as --config.data.sources='("a=folder:/x",)'
+    cfg.tokenizer = ""  # a SentencePiece .model to use instead of training one (shared by a federation)
     cfg.max_bytes_per_source = 2_000_000  # whole documents, seeded sample; 0 = all
     cfg.tokenizer_sample_bytes = 1_000_000  # per source
     cfg.vocab_size = 4096
@@ -50,6 +53,7 @@ def settings(cfg: Any) -> dict:
         "sources": [str(s) for s in field(cfg, "sources")],
         "max_bytes_per_source": int(field(cfg, "max_bytes_per_source")),
         "tokenizer_sample_bytes": int(field(cfg, "tokenizer_sample_bytes")),
+        "tokenizer_sha256": tokenizer_sha256(str(field(cfg, "tokenizer"))),
         "vocab_size": int(field(cfg, "vocab_size")),
         "val_fraction": float(field(cfg, "val_fraction")),
         "partition": partition,
@@ -60,6 +64,20 @@ def settings(cfg: Any) -> dict:
     if partition == "dirichlet":
         out["dirichlet_alpha"] = float(field(cfg, "dirichlet_alpha"))
     return out
+
+
+def tokenizer_sha256(path: str) -> str:
+    """The sha256 of a given tokenizer file ("" when the tokenizer is trained): the corpus depends on
+    the file's content, not on where it lies."""
+    if not path:
+        return ""
+    try:
+        with open(os.path.expanduser(path), "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    except OSError as e:
+        raise DataError(
+            f"data.tokenizer={path}: cannot read the tokenizer file ({e.strerror or e})"
+        ) from None
 
 
 def settings_hash(s: dict) -> str:

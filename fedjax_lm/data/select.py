@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import zlib
 from typing import Any
 
 from fedjax_lm.data.build import prepare
@@ -43,7 +44,8 @@ def active_silos(config: Any, corpus: Corpus) -> list[str]:
 
 
 def silo_iterator(corpus: Corpus, name: str, config: Any):
-    """A silo's training batches; the seed depends on the silo's index, the same in every process."""
+    """A silo's training batches, seeded by (train.seed, the silo's name): the same in every process
+    and whatever other silos its corpus holds (a silo on its own machine has only itself)."""
     from fedjax_lm.data.pipeline import train_iterator
 
     return train_iterator(
@@ -51,7 +53,7 @@ def silo_iterator(corpus: Corpus, name: str, config: Any):
         [name],
         seq_len=int(config.train.seq_len),
         batch_size=int(config.train.batch_size),
-        seed=int(config.train.seed) * 1000 + corpus.silos.index(name),
+        seed=zlib.crc32(f"{int(config.train.seed)}:{name}".encode()),
     )
 
 

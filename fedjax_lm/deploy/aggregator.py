@@ -174,6 +174,7 @@ class Aggregator:
         }
         r = self.store.latest_global()
         if r is None:
+            run["tokenizer_sha256"] = self.store.put_tokenizer(self._tokenizer_bytes())
             self.store.write_run({**run, "config": runs.config_dict(self.config), "silos": self.fed.names})
             self._publish(0, self.fed.init_server(int(self.config.train.seed)), {})
             return 0
@@ -231,6 +232,21 @@ class Aggregator:
             summary = self._summary(read_server(self.fed, self.store, self.fed.rounds)[0], time.time() - t0)
             writer.close()
         return summary
+
+    def _tokenizer_bytes(self) -> bytes:
+        """The tokenizer the federation shares: data.tokenizer, else the one of a corpus prepared here."""
+        path = str(self.config.data.get("tokenizer", "") or "") or os.path.join(
+            self.config.data.corpus_dir, "tokenizer.model"
+        )
+        try:
+            with open(os.path.expanduser(path), "rb") as f:
+                return f.read()
+        except OSError:
+            raise FileNotFoundError(
+                f"the aggregator shares the federation's tokenizer through the store and found none at {path}: "
+                "give one with --config.data.tokenizer=PATH (e.g. the tokenizer.model that `prepare` wrote on "
+                "one silo's machine)"
+            ) from None
 
     def _eval_sets(self):
         """Validation batches when the aggregator can see a corpus (`federation.eval_every`, the summary)."""

@@ -14,6 +14,8 @@ from fedjax_lm import config as config_lib
 from fedjax_lm import federation as fed_lib
 from fedjax_lm import model as model_lib
 from fedjax_lm import store as store_lib
+from fedjax_lm.data import build as build_sources
+from fedjax_lm.data import config as data_config
 from fedjax_lm.data import select
 from fedjax_lm.deploy.common import check_deployable, check_store_run, log, read_server
 
@@ -25,14 +27,13 @@ class SiloWorker:
         self.config, self.name = config, name
         self.poll = float(config.federation.deploy.poll_s)
         self.store = store_lib.Store(store_root)
-        corpus = select.ensure_corpus(config.data)
-        select.check_vocab(config, corpus)
-        corpus.check_silos([name])
-        self.corpus = corpus
+        build_sources.check_sources(config.data.sources)  # before waiting for the federation
         self.fed: fed_lib.Federation | None = None  # built once the store's run.json is there
-        self.iterator = select.silo_iterator(corpus, name, config)
+        self.iterator = None
 
     def _join(self) -> fed_lib.Federation:
+        """Waits for the federation, checks membership and config, prepares this silo's own corpus
+        with the federation's tokenizer (from the store) and opens its data."""
         while self.store.latest_global() is None:
             time.sleep(self.poll)
         run = check_store_run(self.store, self.config, f"silo {self.name}")
@@ -40,7 +41,35 @@ class SiloWorker:
             raise ValueError(
                 f"silo {self.name!r} is not a member of this federation; its silos are {run.get('silos')}"
             )
+        data_cfg = self._data_with_store_tokenizer(run["tokenizer_sha256"])
+        corpus = select.ensure_corpus(data_cfg)
+        select.check_vocab(self.config, corpus)
+        corpus.check_silos([self.name])
+        self.iterator = select.silo_iterator(corpus, self.name, self.config)
         return fed_lib.Federation(self.config, run["silos"])
+
+    def _data_with_store_tokenizer(self, sha256: str):
+        """The data config to prepare with: the silo's sources, the federation's tokenizer."""
+        data_cfg = self.config.data.copy_and_resolve_references()
+        given = str(data_cfg.get("tokenizer", "") or "")
+        if given:
+            if data_config.tokenizer_sha256(given) != sha256:
+                raise ValueError(
+                    f"data.tokenizer={given} is not the federation's tokenizer (sha256 {sha256[:12]} in the store)"
+                )
+            return data_cfg
+        local = os.path.join(data_cfg.corpus_dir, "tokenizer.model")
+        if os.path.exists(local) and data_config.tokenizer_sha256(local) == sha256:
+            return data_cfg  # a corpus prepared here with the same tokenizer: use it as it is
+        os.makedirs(data_cfg.corpus_dir, exist_ok=True)
+        path = os.path.join(data_cfg.corpus_dir, "store-tokenizer.model")
+        tmp = f"{path}.tmp.{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(self.store.get_tokenizer(sha256))
+        os.replace(tmp, path)
+        log(self.name, f"using the federation's tokenizer from the store (sha256 {sha256[:12]})")
+        data_cfg.tokenizer = path
+        return data_cfg
 
     def _load_private(self, params) -> tuple[dict[str, Any], int]:
         """(private arrays, last round trained); a fresh state before the first round."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Container, Iterable, Mapping, Sequence
 from typing import Any
@@ -67,6 +68,24 @@ class Store:
         if run is None:
             raise FileNotFoundError(f"{self.root} has no {layout.RUN}")
         return run
+
+    MAX_TOKENIZER_BYTES = 64 << 20
+
+    def put_tokenizer(self, data: bytes) -> str:
+        """Shares the federation's tokenizer; returns its sha256 (recorded in run.json)."""
+        self.objects.put(layout.TOKENIZER, bytes(data))
+        return hashlib.sha256(data).hexdigest()
+
+    def get_tokenizer(self, sha256: str) -> bytes:
+        """The shared tokenizer, refused unless it has the sha256 the run recorded."""
+        data = self.objects.get(layout.TOKENIZER)
+        if data is None:
+            raise FileNotFoundError(f"{self.root} has no {layout.TOKENIZER}")
+        if len(data) > self.MAX_TOKENIZER_BYTES or hashlib.sha256(data).hexdigest() != sha256:
+            raise ValueError(
+                f"{self.root}/{layout.TOKENIZER} does not match the sha256 in run.json: the store was altered"
+            )
+        return data
 
     # ------------------------------------------------------------------ global state
 

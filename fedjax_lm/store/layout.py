@@ -31,6 +31,7 @@ from typing import Any
 import tensorstore as ts
 
 RUN = "run.json"
+TOKENIZER = "tokenizer.model"  # the federation's SentencePiece model, shared with every silo
 GLOBAL = "global"
 UPDATES = "updates"
 SILOS = "silos"

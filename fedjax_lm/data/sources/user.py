@@ -28,6 +28,9 @@ class FolderSource:
             raise DataError(f"source folder:{self.path}: the folder holds no *.txt or *.md file")
         return files
 
+    def check(self) -> None:
+        self.files()
+
     def provenance(self, raw_dir: pathlib.Path) -> dict:
         del raw_dir
         return dict(_USER, path=str(self.path))
@@ -50,6 +53,10 @@ class JsonlSource:
     name: str
     path: pathlib.Path
     field: str = "text"
+
+    def check(self) -> None:
+        if not self.path.is_file():
+            raise DataError(f"source jsonl:{self.path}: no such file")
 
     def provenance(self, raw_dir: pathlib.Path) -> dict:
         del raw_dir
