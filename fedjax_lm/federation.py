@@ -53,6 +53,7 @@ _FIELDS = {
     "block_size",
     "error_feedback",
     "max_update_norm",
+    "max_update_norm_ratio",
     "outer",
     "parallel",
     "sample_seed",
@@ -77,6 +78,7 @@ def default_federation_config() -> ml_collections.ConfigDict:
             block_size=256,
             error_feedback=True,
             max_update_norm=0.0,  # reject a pseudo-gradient whose global L2 norm exceeds this (0: off)
+            max_update_norm_ratio=10.0,  # ... or exceeds this x the median norm of the round (>= 3 silos; 0: off)
             outer=outer.default_outer_config("fedavg"),
             parallel=False,  # simulation: train the K silos of a round in one vmapped program
             sample_seed=0,
@@ -110,8 +112,13 @@ def check_config(fed: Mapping[str, Any]) -> None:
     for key in ("silos_per_round", "eval_every", "checkpoint_every", "report_every"):
         if int(fed[key]) < 0:
             raise ValueError(f"federation.{key} must be >= 0, got {fed[key]}")
-    if not float(fed["max_update_norm"]) >= 0:
-        raise ValueError(f"federation.max_update_norm must be >= 0 (0: off), got {fed['max_update_norm']}")
+    for key in ("max_update_norm", "max_update_norm_ratio"):
+        if not float(fed[key]) >= 0:
+            raise ValueError(f"federation.{key} must be >= 0 (0: off), got {fed[key]}")
+    if 0 < float(fed["max_update_norm_ratio"]) < 1:
+        raise ValueError(
+            f"federation.max_update_norm_ratio={fed['max_update_norm_ratio']} would reject the median update itself; use >= 1"
+        )
     if fed["inner_state"] not in INNER_STATE_MODES:
         raise ValueError(
             f"federation.inner_state must be one of {INNER_STATE_MODES}, got {fed['inner_state']!r}"
@@ -187,7 +194,7 @@ class NodeResult:
 
 
 def node_round(
-    algo: outer.OuterAlgorithm,
+    algo,
     state: outer.OuterState,
     children: Iterable[tuple[Any, float]],
     *,
@@ -198,16 +205,19 @@ def node_round(
 ) -> NodeResult:
     """One node's round: aggregate its children's (payload, weight), step, report upward.
 
+    `algo` is anything with `step(state, mean, **diag) -> (state, diagnostics)`: an
+    `outer.OuterAlgorithm`, or a `Federation` (whose step never publishes non-finite params).
     `anchor` is the params this node received from its parent at the start of the parent's
     round; with it, the node's update to its parent is its own pseudo-gradient
     `anchor − θ_node` (compressed like a silo's, with the node's error feedback) and its
     weight the total weight of its children. The root has no anchor and returns None.
     """
-    state, diag = algo.apply(state, children)
+    mean, total, n = outer.mean_of_payloads(state.params, children)
+    state, diag = algo.step(state, mean, tokens=total, silos=n)
     to_parent = new_error = None
     if anchor is not None:
         to_parent, new_error = client_final(anchor, state.params, error, method=method, block_size=block_size)
-    return NodeResult(state, float(diag["tokens"]), to_parent, new_error, diag)
+    return NodeResult(state, total, to_parent, new_error, diag)
 
 
 # ---------------------------------------------------------------------------- federation
@@ -229,6 +239,10 @@ class Federation:
         self.feedback = bool(fed.error_feedback)
         self.method, self.block_size = str(fed.compression), int(fed.block_size)
         self.max_norm = float(fed.max_update_norm) or None
+        self.norm_ratio = float(fed.max_update_norm_ratio)
+        # The most tokens a silo can see in a round: its claimed count is capped here (the server
+        # decides weights; a claim of 1e37 tokens would otherwise be the whole mean).
+        self.token_cap = float(self.H * self.batch_size * self.seq_len)
         self.chunk = report_chunk(self.H, int(fed.report_every))
         s = self.silo
         self._init = jax.jit(
@@ -249,8 +263,12 @@ class Federation:
             lambda p: compression.compress(p, None, self.method, self.block_size)[0], s.abstract_params
         )
         self.param_bytes = compression.raw_nbytes(s.abstract_params)
+        self.payload_bytes = compression.payload_nbytes(self.abstract_payload)  # every valid upload's size
         like = self.abstract_params
         self._payload_stats = jax.jit(lambda p: outer.delta_stats(compression.decompress(p, like)))
+        self._all_finite = jax.jit(
+            lambda t: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(t)]))
+        )
 
     # -- the round plan ----------------------------------------------------------------------
     def sample(self, r: int) -> list[str]:
@@ -334,24 +352,52 @@ class Federation:
             )
         )
 
-    def check_update(self, payload) -> str | None:
-        """Why an in-memory update is refused (non-finite, over the norm bound), or None."""
+    def check_update(self, payload) -> tuple[str | None, float]:
+        """(why an in-memory update is refused, or None; its norm): non-finite, over the bound."""
         stats = {k: float(v) for k, v in self._payload_stats(payload).items()}
         if stats["nonfinite_frac"] > 0 or not math.isfinite(stats["norm"]):
-            return f"{stats['nonfinite_frac']:.2%} of the update is NaN/Inf"
+            return f"{stats['nonfinite_frac']:.2%} of the update is NaN/Inf", stats["norm"]
         if self.max_norm is not None and stats["norm"] > self.max_norm:
-            return f"update norm {stats['norm']:.4g} exceeds federation.max_update_norm={self.max_norm:g}"
-        return None
+            return (
+                f"update norm {stats['norm']:.4g} exceeds federation.max_update_norm={self.max_norm:g}",
+                stats["norm"],
+            )
+        return None, stats["norm"]
+
+    def weight(self, claimed_tokens: float) -> float:
+        """A silo's weight in the mean: its claimed tokens, at most what a round can give it."""
+        return min(float(claimed_tokens), self.token_cap)
+
+    def outlier_norms(self, norms: Mapping[str, float]) -> dict[str, str]:
+        """Updates whose norm exceeds max_update_norm_ratio x the round's median (3 or more silos):
+        one scaled, sign-flipped or noisy update cannot dominate the mean."""
+        if not self.norm_ratio or len(norms) < 3:
+            return {}
+        median = float(np.median(list(norms.values())))
+        if not median > 0:  # most silos sent nothing: no scale to compare against
+            return {}
+        bound = self.norm_ratio * median
+        return {
+            s: f"update norm {n:.4g} exceeds {self.norm_ratio:g} x the round's median norm {median:.4g}"
+            for s, n in norms.items()
+            if n > bound
+        }
 
     # -- the aggregating node ----------------------------------------------------------------
     def aggregate(self, server: outer.OuterState, updates: Iterable[tuple[Any, float]]):
-        """In memory (simulation): the root's `node_round` over (payload, tokens) pairs."""
-        result = node_round(self.algo, server, updates)
+        """In memory (simulation): the running mean of (payload, weight) pairs, then `step`."""
+        result = node_round(self, server, updates)
         return result.state, result.diagnostics
 
     def step(self, server: outer.OuterState, mean, **diag):
-        """The outer step on a mean computed elsewhere (streamed from the store)."""
-        return self.algo.step(server, mean, **diag)
+        """The outer step on a mean computed elsewhere (streamed from the store), never publishing
+        non-finite params: if the mean or the stepped params are not finite, the round closes
+        without an update (params and outer state unchanged, the round counted) and says why."""
+        new, out = self.algo.step(server, mean, **diag)
+        if math.isfinite(out.get("delta_norm", math.inf)) and bool(self._all_finite(new.params)):
+            return new, out
+        out["skipped"] = "the aggregate or the stepped params are not finite: round closed without an update"
+        return outer.OuterState(server.params, server.opt_state, server.round + 1), out
 
     def shared_moments(self, pairs: Iterable[tuple[Any, float]]):
         """Photon's option: every silo continues from the token-weighted mean of the moments."""
@@ -367,17 +413,18 @@ class Federation:
         diag: Mapping[str, Any],
         **extra,
     ) -> dict[str, Any]:
-        """The round's metrics row; `accepted` maps silo -> {tokens, loss, bytes_up}."""
+        """The round's metrics row; `accepted` maps silo -> {tokens (its weight), loss (or None)}."""
         tokens = {s: float(a["tokens"]) for s, a in accepted.items()}
         comm = ledger.record_round(
             r,
             down={s: self.param_bytes for s in accepted},
-            up={s: int(a["bytes_up"]) for s, a in accepted.items()},
+            up={s: self.payload_bytes for s in accepted},
             dp_equivalent=monitor.dp_allreduce_bytes(self.param_bytes, self.H, len(accepted)),
         )
         loss = None
-        if tokens and sum(tokens.values()) > 0:
-            loss = float(np.average([a["loss"] for a in accepted.values()], weights=list(tokens.values())))
+        reported = {s: a["loss"] for s, a in accepted.items() if a.get("loss") is not None and tokens[s] > 0}
+        if reported:
+            loss = float(np.average(list(reported.values()), weights=[tokens[s] for s in reported]))
         return {
             "round": r,
             "silos": len(accepted),

@@ -10,7 +10,7 @@ Conventions
   the token-weighted mean `Δ = Σ w_k Δ_k / Σ w_k` as a gradient: `θ ← θ + tx.update(Δ)`.
   With FedAvg (SGD, lr 1) that is `θ ← θ − Δ`, i.e. the weighted mean of the silo params.
 * The mean is a *running* mean folded one update at a time:
-  `mean ← mean + (w_k / W_k) (decode(payload_k) − mean)` with `W_k = W_{k-1} + w_k`, the
+  `mean ← (1 − w_k / W_k) mean + (w_k / W_k) decode(payload_k)` with `W_k = W_{k-1} + w_k`, the
   factors computed host-side in f32 (`running_fractions`) and the fold done by one XLA kernel
   (`fold_into_mean`) that also decodes the compressed payload. Memory is one model, whatever
   the number of silos; one silo's Δ comes back bit-exactly (w/w == 1); deltas are never
@@ -113,9 +113,11 @@ def running_fractions(weights: Sequence[float]) -> list[np.float32]:
 
 @functools.partial(jax.jit, donate_argnums=0)
 def fold_into_mean(mean: jax.Array, payload_leaf: dict[str, jax.Array], frac: jax.Array) -> jax.Array:
-    """mean + frac · (decode(payload_leaf) − mean), decoding fused into the same kernel.
+    """(1 − frac) · mean + frac · decode(payload_leaf), decoding fused into the same kernel.
 
-    `payload_leaf` is one leaf of a `compression` payload ({"x"} or {"q", "scale"}).
+    `payload_leaf` is one leaf of a `compression` payload ({"x"} or {"q", "scale"}). Written as a
+    convex combination, not `mean + frac · (x − mean)`, so finite inputs near the f32 limits never
+    overflow (x − mean can); frac = 1 still returns x exactly.
     """
     if set(payload_leaf) == {"x"}:
         x = payload_leaf["x"].astype(jnp.float32)
@@ -123,7 +125,7 @@ def fold_into_mean(mean: jax.Array, payload_leaf: dict[str, jax.Array], frac: ja
         q, scale = payload_leaf["q"], payload_leaf["scale"]
         x = q.astype(jnp.float32) * scale.astype(jnp.float32)[:, None]
         x = x.reshape(-1)[: mean.size].reshape(mean.shape)
-    return mean + frac * (x - mean)
+    return (1.0 - frac) * mean + frac * x
 
 
 def mean_of_payloads(template: PyTree, items: Iterable[tuple[PyTree, float]]) -> tuple[PyTree, float, int]:
@@ -310,7 +312,8 @@ class OuterAlgorithm:
 
     def __init__(self, outer_cfg: Mapping[str, Any]):
         self.tx = make_outer_optimizer(outer_cfg)
-        self._step = jax.jit(functools.partial(outer_apply, tx=self.tx), donate_argnums=(0,))
+        # Not donated: the caller keeps the old state to fall back on if the step is not finite.
+        self._step = jax.jit(functools.partial(outer_apply, tx=self.tx))
         self._stats = jax.jit(delta_stats)
         self._init = jax.jit(functools.partial(outer_init, tx=self.tx))
 

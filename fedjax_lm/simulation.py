@@ -25,7 +25,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fedjax_lm import checkpoint as ckpt_lib
 from fedjax_lm import config as config_lib
-from fedjax_lm import compression
 from fedjax_lm import evaluate as eval_lib
 from fedjax_lm import federation as fed_lib
 from fedjax_lm import model as model_lib
@@ -122,19 +121,21 @@ class Simulation:
         with timer.phase("local_train"):
             outs = self.run_clients(server, privates, sampled, r)
             jax.block_until_ready(outs)
-        accepted, rejected = {}, {}
+        accepted, rejected, norms = {}, {}, {}
         for n in sampled:
             o = outs[n]
-            reason = f.check_update(o.payload)
+            reason, norms[n] = f.check_update(o.payload)
             if reason is not None:
                 rejected[n] = reason
-                print(f"[fedjax_lm] round {r}: REJECTED silo {n}: {reason}", flush=True)
                 continue
             accepted[n] = {
-                "tokens": float(np.asarray(o.metrics["tokens"]).sum()),
+                "tokens": f.weight(np.asarray(o.metrics["tokens"]).sum()),
                 "loss": float(np.asarray(o.metrics["loss"]).mean()),
-                "bytes_up": compression.payload_nbytes(o.payload),
             }
+        rejected.update(f.outlier_norms({n: norms[n] for n in accepted}))
+        for n, reason in rejected.items():
+            accepted.pop(n, None)
+            print(f"[fedjax_lm] round {r}: REJECTED silo {n}: {reason}", flush=True)
         with timer.phase("aggregate"):
             if accepted:
                 server, diag = f.aggregate(

@@ -142,19 +142,17 @@ class Aggregator:
             except store_lib.UpdateRejected as e:
                 rejected[silo] = str(e)
                 log("aggregator", f"REJECTED {e}")
-        weights = {s: float(m["tokens"]) for s, m in manifests.items()}
-        if weights:
-            mean = self.store.stream_weighted_mean(r, weights, server.params, manifests=manifests)
-            server, diag = self.fed.step(server, jax.device_put(mean, self.fed.silo.param_shardings))
-        else:
-            log("aggregator", f"round {r}: no acceptable update; global params unchanged")
-            server, diag = outer.OuterState(server.params, server.opt_state, server.round + 1), {}
+        outliers = self.fed.outlier_norms({s: m["validation"]["norm"] for s, m in manifests.items()})
+        for silo, reason in outliers.items():
+            manifests.pop(silo)
+            rejected[silo] = str(store_lib.UpdateRejected(silo, r, reason))
+            log("aggregator", f"REJECTED {rejected[silo]}")
+        server, diag = self._aggregate(r, server, manifests, rejected)
         self.deadlines.observe(
             [m["finished_at"] - meta["published_at"] for m in manifests.values() if "finished_at" in m]
         )
         accepted = {
-            s: {"tokens": weights[s], "loss": float(m["loss"]), "bytes_up": int(m["bytes"])}
-            for s, m in manifests.items()
+            s: {"tokens": self.fed.weight(m["tokens"]), "loss": m.get("loss")} for s, m in manifests.items()
         }
         row = self.fed.round_row(
             r,
@@ -166,6 +164,31 @@ class Aggregator:
             silo_seconds={s: m.get("finished_at", 0) - meta["published_at"] for s, m in manifests.items()},
         )
         return server, row
+
+    def _aggregate(self, r: int, server: outer.OuterState, manifests: dict, rejected: dict):
+        """The outer step on the streamed mean of the accepted updates (weights decided here). Data is
+        re-hashed while it is read: an update changed since validation, or one that cannot be read,
+        is dropped and the mean recomputed without it."""
+        while manifests:
+            weights = {s: self.fed.weight(m["tokens"]) for s, m in manifests.items()}
+            try:
+                mean = self.store.stream_weighted_mean(
+                    r, weights, server.params, manifests=manifests, verify_sha256=True
+                )
+            except store_lib.UpdateRejected as e:
+                rejected[e.silo] = str(e)
+                manifests.pop(e.silo)
+                log("aggregator", f"REJECTED {e}; recomputing the round without it")
+                continue
+            except ValueError as e:  # every weight 0: nothing to aggregate
+                log("aggregator", f"round {r}: {e}")
+                break
+            server, diag = self.fed.step(server, jax.device_put(mean, self.fed.silo.param_shardings))
+            if "skipped" in diag:
+                log("aggregator", f"round {r}: {diag['skipped']}")
+            return server, diag
+        log("aggregator", f"round {r}: no acceptable update; global params unchanged")
+        return outer.OuterState(server.params, server.opt_state, server.round + 1), {}
 
     def _start_or_resume(self) -> int:
         run = {

@@ -4,7 +4,7 @@
 order of `weights`. Reads are issued ahead — all silos' copies of a leaf, then the next
 leaves' — while the bytes in flight stay within `read_budget_bytes`, and consumed in order:
 each read array is decoded and folded into the leaf's running mean by one fused, jitted
-XLA kernel, `outer.fold_into_mean` (``mean += w/W · (decode(x) − mean)`` with the f32
+XLA kernel, `outer.fold_into_mean` (``mean ← (1 − w/W) · mean + w/W · decode(x)`` with the f32
 running total W of `outer.running_fractions`), whose mean buffer is donated. The
 in-memory path of the simulation uses the same kernel and factors: the two agree bit for bit.
 

@@ -39,6 +39,14 @@ from fedjax_lm.store import layout
 from fedjax_lm.store.updates import open_array
 
 _F32_MAX = float(np.finfo(np.float32).max)
+MAX_MANIFEST_BYTES = 4 << 20  # a manifest lists one entry per array: megabytes at most for a 7B model
+# Optional manifest fields a silo reports: each a finite number in its range, or absent / null.
+_NUMBER_FIELDS = {
+    "loss": (0.0, 1e6),
+    "finished_at": (0.0, 1e12),
+    "train_seconds": (0.0, 1e9),
+    "flops": (0.0, 1e30),
+}
 _SLAB = 1 << 20  # elements per slab for the finite / norm reductions
 
 
@@ -77,6 +85,8 @@ def load_manifest(objects: layout.Objects, round: int, silo: str) -> dict[str, A
     data = objects.get(layout.update_dir(round, silo) + layout.MANIFEST)
     if data is None:
         reject("manifest.json missing")
+    if len(data) > MAX_MANIFEST_BYTES:
+        reject(f"manifest.json is {len(data):,} bytes, more than the cap of {MAX_MANIFEST_BYTES:,}")
     try:
         expected = json.loads(marker).get("manifest_sha256")
     except (ValueError, AttributeError):
@@ -99,6 +109,13 @@ def load_manifest(objects: layout.Objects, round: int, silo: str) -> dict[str, A
         or tokens < 0
     ):
         reject(f"manifest tokens {tokens!r} is not a finite non-negative number")
+    for key, (lo, hi) in _NUMBER_FIELDS.items():
+        value = manifest.get(key)
+        if value is None:
+            manifest.pop(key, None)  # absent and null mean "not reported"
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+            reject(f"manifest {key} {str(value)[:40]!r} is not a number in [{lo:g}, {hi:g}] (or null)")
     if not isinstance(manifest.get("arrays"), list):
         reject("manifest has no 'arrays' list")
     return manifest
