@@ -258,9 +258,18 @@ class _QuietLibraries:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from fedjax_lm import runs
     from fedjax_lm.data import DataError
-    from fedjax_lm.store import LockHeld
+    from fedjax_lm.store import LockHeld, LockLost
 
-    return (ValueError, KeyError, OSError, TimeoutError, DataError, LockHeld, runs.NonFiniteLossError)
+    return (
+        ValueError,
+        KeyError,
+        OSError,
+        TimeoutError,
+        DataError,
+        LockHeld,
+        LockLost,
+        runs.NonFiniteLossError,
+    )
 
 
 def _load_config(verb: str):

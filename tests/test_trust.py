@@ -131,3 +131,29 @@ def test_the_fold_cannot_overflow_on_finite_updates():
     mean = jax.numpy.full((4,), big)
     out = outer.fold_into_mean(mean, {"x": jax.numpy.full((4,), -big)}, np.float32(0.5))
     np.testing.assert_array_equal(np.asarray(out), np.zeros(4, np.float32))  # (x - mean) would be -Inf
+
+
+def test_the_lock_is_heart_beaten_and_a_taken_over_aggregator_publishes_nothing(round0):
+    import json
+    import time
+
+    from fedjax_lm.store import LockLost
+
+    agg, server, _, _ = round0
+    lock = agg.store.acquire_aggregator_lock({"role": "aggregator"}, lease_s=0.6)
+    lock.start_heartbeat(0.1)
+    path = agg.store.layout.local("locks/aggregator.lock")
+    first = json.load(open(path))["refreshed"]
+    time.sleep(0.5)
+    assert json.load(open(path))["refreshed"] > first  # renewed while held, not only between rounds
+    record = json.load(open(path))
+    with open(path, "w") as f:  # another aggregator took the lock over (its own nonce)
+        json.dump({**record, "nonce": "someone-else", "pid": 1}, f)
+    time.sleep(0.4)
+    with pytest.raises(LockLost, match="taken over"):
+        agg._publish(1, server, {}, lock=lock)
+    assert agg.store.latest_global() == 0  # nothing published by the aggregator that lost its lock
+    lock.release()
+    # create-exclusive: a global that exists already is never rewritten, and says so
+    with pytest.raises(LockLost, match="global/0 was published by another process"):
+        agg._publish(0, server, {})

@@ -62,9 +62,13 @@ class Aggregator:
         self.store = store_lib.Store(store_root)
         self.fed = fed_lib.Federation(config, silo_names(config))
         self.deadlines = Deadlines(self.deploy)
+        self._lock = None  # held while run() runs
         self.ledger = monitor.CommLedger()
 
-    def _publish(self, r: int, server: outer.OuterState, extra: Mapping[str, Any]) -> None:
+    def _publish(self, r: int, server: outer.OuterState, extra: Mapping[str, Any], lock=None) -> None:
+        """Publishes global/r (create-exclusive) if this aggregator still holds the lock."""
+        if lock is not None:
+            lock.check()  # the heartbeat found the lock taken over: stop before writing anything
         now = time.time()
         meta = {
             "round": r,
@@ -72,11 +76,14 @@ class Aggregator:
             "published_at": now,
             "deadline": now + self.deadlines.next(),
         }
-        if self.store.publish_global(r, server.params, server.opt_state, {**meta, **extra}):
-            log(
-                "aggregator",
-                f"published global/{r}: silos {meta['sampled']}, deadline in {meta['deadline'] - now:.0f}s",
+        if not self.store.publish_global(r, server.params, server.opt_state, {**meta, **extra}):
+            raise store_lib.LockLost(
+                f"global/{r} was published by another process while this aggregator held the lock: stopping"
             )
+        log(
+            "aggregator",
+            f"published global/{r}: silos {meta['sampled']}, deadline in {meta['deadline'] - now:.0f}s",
+        )
 
     def wait_for_round(self, r: int, meta: Mapping[str, Any]) -> list[str]:
         """Until every sampled silo committed, or the deadline once `quorum` did; shows who is in."""
@@ -199,7 +206,7 @@ class Aggregator:
         if r is None:
             run["tokenizer_sha256"] = self.store.put_tokenizer(self._tokenizer_bytes())
             self.store.write_run({**run, "config": runs.config_dict(self.config), "silos": self.fed.names})
-            self._publish(0, self.fed.init_server(int(self.config.train.seed)), {})
+            self._publish(0, self.fed.init_server(int(self.config.train.seed)), {}, lock=self._lock)
             return 0
         check_store_run(self.store, self.config, "aggregator")
         log("aggregator", f"resuming at round {r} of {self.fed.rounds}")
@@ -219,7 +226,12 @@ class Aggregator:
             store=self.store.root,
         )
         owner = {"role": "aggregator", "workdir": os.path.abspath(self.workdir)}
-        with self.store.acquire_aggregator_lock(owner) as lock:
+        # The lease follows the deadline (a tenth of it, 30 s to 5 min) and a heartbeat thread renews
+        # it every third of the lease while this process lives, however long a round waits.
+        lease = min(300.0, max(30.0, float(self.deploy.deadline_s) / 10))
+        with self.store.acquire_aggregator_lock(owner, lease_s=lease) as lock:
+            lock.start_heartbeat()
+            self._lock = lock
             r = self._start_or_resume()
             writer = monitor.MetricWriter(self.workdir)
             writer.truncate("rounds", keep_below=r)  # a crash between the row and the publish
@@ -227,7 +239,7 @@ class Aggregator:
                 server, meta = read_server(self.fed, self.store, r)
                 t_round = time.perf_counter()
                 server, row = self.close_round(r, server, meta)
-                lock.refresh()
+                lock.check()
                 row["time_aggregate"] = time.perf_counter() - t_round
                 every = int(self.config.federation.eval_every)
                 if (
@@ -250,7 +262,7 @@ class Aggregator:
                     log("aggregator", f"pausing before publishing global/{r + 1} for {pause}s")
                     time.sleep(pause)
                 extra = {"closed": r, "accepted": row["accepted"], "rejected": row["rejected"]}
-                self._publish(r + 1, server, {**extra, "comm": self.ledger.rounds[-1]})
+                self._publish(r + 1, server, {**extra, "comm": self.ledger.rounds[-1]}, lock=lock)
                 r += 1
             summary = self._summary(read_server(self.fed, self.store, self.fed.rounds)[0], time.time() - t0)
             writer.close()
