@@ -65,3 +65,13 @@ def test_step_progress_in_a_log_file_prints_at_most_every_interval(capsys):
     quiet = monitor.StepProgress("s", total=8, tokens_per_step=1, enabled=True, log_every_s=3600.0)
     quiet.update(4, loss=1.0)
     assert capsys.readouterr().err == ""  # a short round prints nothing
+
+
+@pytest.mark.parametrize("field", ["parallel", "aggregate_inner_moments"])
+def test_a_deployment_refuses_simulation_only_options(small_corpus, field):
+    from fedjax_lm import deploy
+
+    c = fed_config(small_corpus, **{field: True})
+    with pytest.raises(ValueError, match=f"federation.{field}"):
+        deploy.check_deployable(c)
+    deploy.check_deployable(fed_config(small_corpus))  # the default config deploys
