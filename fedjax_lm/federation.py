@@ -22,7 +22,6 @@ the depth-1 tree whose root has no parent; a federation of federations (WorldLM)
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -41,6 +40,7 @@ from fedjax_lm import outer
 from fedjax_lm import sharding as sharding_lib
 from fedjax_lm import silo as silo_lib
 from fedjax_lm.client import ClientOutput, client_final, client_init, client_round
+from fedjax_lm.node import node_round
 
 INNER_STATE_MODES = ("keep", "reset")
 _FIELDS = {
@@ -179,45 +179,6 @@ def report_chunk(h: int, report_every: int = 0) -> int:
         return max(d for d in range(1, min(report_every, h) + 1) if h % d == 0)
     target = min(h, max(math.ceil(h / 8), MIN_AUTO_CHUNK))
     return min(d for d in range(target, h + 1) if h % d == 0)
-
-
-# ---------------------------------------------------------------------------- node
-
-
-@dataclasses.dataclass
-class NodeResult:
-    state: outer.OuterState  # the node's state after the outer step
-    weight: float  # the total weight of the children it aggregated (its own weight upward)
-    to_parent: Any  # compressed Δ_node = anchor − θ_node, or None at the root
-    error: Any  # the node's error-feedback residual toward its parent (or None)
-    diagnostics: dict[str, Any]
-
-
-def node_round(
-    algo,
-    state: outer.OuterState,
-    children: Iterable[tuple[Any, float]],
-    *,
-    anchor: Any = None,
-    error: Any = None,
-    method: str = "none",
-    block_size: int = compression.DEFAULT_BLOCK_SIZE,
-) -> NodeResult:
-    """One node's round: aggregate its children's (payload, weight), step, report upward.
-
-    `algo` is anything with `step(state, mean, **diag) -> (state, diagnostics)`: an
-    `outer.OuterAlgorithm`, or a `Federation` (whose step never publishes non-finite params).
-    `anchor` is the params this node received from its parent at the start of the parent's
-    round; with it, the node's update to its parent is its own pseudo-gradient
-    `anchor − θ_node` (compressed like a silo's, with the node's error feedback) and its
-    weight the total weight of its children. The root has no anchor and returns None.
-    """
-    mean, total, n = outer.mean_of_payloads(state.params, children)
-    state, diag = algo.step(state, mean, tokens=total, silos=n)
-    to_parent = new_error = None
-    if anchor is not None:
-        to_parent, new_error = client_final(anchor, state.params, error, method=method, block_size=block_size)
-    return NodeResult(state, total, to_parent, new_error, diag)
 
 
 # ---------------------------------------------------------------------------- federation
@@ -438,15 +399,3 @@ class Federation:
             **{k: v for k, v in diag.items() if k.startswith("delta_")},
             **extra,
         }
-
-
-def round_progress(name: str, r: int, fed: Federation) -> Callable[[int, dict[str, float]], None]:
-    """A progress display for one silo's round: step, loss, tokens/s and the round's ETA."""
-    bar = monitor.StepProgress(f"{name} r{r}", total=fed.H, tokens_per_step=fed.batch_size * fed.seq_len)
-
-    def report(done: int, metrics: Mapping[str, Any]) -> None:
-        bar.update(done, loss=float(np.mean(metrics["loss"])))
-        if done >= fed.H:
-            bar.close()
-
-    return report

@@ -225,6 +225,18 @@ class StepProgress:
             self.bar.close()
 
 
+def round_progress(name: str, r: int, total_steps: int, tokens_per_step: int):
+    """`progress(steps_done, metrics)` for one silo's round: a `StepProgress` closed at the end."""
+    bar = StepProgress(f"{name} r{r}", total=total_steps, tokens_per_step=tokens_per_step)
+
+    def report(done: int, metrics: Mapping[str, Any]) -> None:
+        bar.update(done, loss=float(np.mean(metrics["loss"])))
+        if done >= total_steps:
+            bar.close()
+
+    return report
+
+
 def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":

@@ -71,7 +71,9 @@ class Simulation:
                 privates[n].arrays,
                 batches[n],
                 r,
-                fed_lib.round_progress(n, r + 1, self.fed) if self.progress else None,
+                monitor.round_progress(n, r + 1, self.fed.H, self.fed.batch_size * self.fed.seq_len)
+                if self.progress
+                else None,
             )
             for n in sampled
         }

@@ -9,6 +9,7 @@ import pytest
 
 from fedjax_lm import compression
 from fedjax_lm import federation
+from fedjax_lm import node
 from fedjax_lm import outer
 from tests.test_simulation import fed_config
 
@@ -43,9 +44,7 @@ def test_a_tree_of_fedavg_nodes_equals_the_flat_federation():
     uploads = []
     for group in groups:  # each sub-federation starts from the root's params (its anchor)
         node = algo.init(theta)
-        res = federation.node_round(
-            algo, node, ((_payload(silos[s][0]), silos[s][1]) for s in group), anchor=theta
-        )
+        res = node.node_round(algo, node, ((_payload(silos[s][0]), silos[s][1]) for s in group), anchor=theta)
         assert res.weight == sum(silos[s][1] for s in group)
         # the node's update upward is its own pseudo-gradient, anchor - θ_node, which for a FedAvg
         # node is the token-weighted mean of its children's Δ
@@ -56,7 +55,7 @@ def test_a_tree_of_fedavg_nodes_equals_the_flat_federation():
         for a, b in zip(_leaves(compression.decompress(res.to_parent, theta)), _leaves(want)):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
         uploads.append((res.to_parent, res.weight))
-    root = federation.node_round(algo, algo.init(theta), uploads)
+    root = node.node_round(algo, algo.init(theta), uploads)
     assert root.to_parent is None and root.weight == 1500.0
     for a, b in zip(_leaves(root.state.params), _leaves(flat.params)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
@@ -66,7 +65,7 @@ def test_a_node_compresses_its_upload_with_error_feedback():
     algo = outer.OuterAlgorithm(outer.default_outer_config("diloco"))
     theta = _tree(1)
     kids = [(_payload(_tree(20, 0.01)), 10.0), (_payload(_tree(21, 0.01)), 30.0)]
-    res = federation.node_round(algo, algo.init(theta), kids, anchor=theta, method="int8", block_size=4)
+    res = node.node_round(algo, algo.init(theta), kids, anchor=theta, method="int8", block_size=4)
     exact = outer.pseudo_gradient(theta, res.state.params)
     decoded = compression.decompress(res.to_parent, theta)
     # int8 payload + the kept residual reconstruct the node's exact pseudo-gradient

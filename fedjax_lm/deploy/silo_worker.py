@@ -13,6 +13,7 @@ import ml_collections
 from fedjax_lm import config as config_lib
 from fedjax_lm import federation as fed_lib
 from fedjax_lm import model as model_lib
+from fedjax_lm import monitor
 from fedjax_lm import store as store_lib
 from fedjax_lm.data import build as build_sources
 from fedjax_lm.data import config as data_config
@@ -96,7 +97,11 @@ class SiloWorker:
             ) from None
         batches = select.next_batches(self.iterator, self.fed.H)
         t = time.perf_counter()
-        report = fed_lib.round_progress(self.name, r, self.fed) if progress else None
+        report = (
+            monitor.round_progress(self.name, r, self.fed.H, self.fed.batch_size * self.fed.seq_len)
+            if progress
+            else None
+        )
         out = self.fed.train_silo(server.params, private, batches, r, report)
         return out, time.perf_counter() - t, server.params
 
