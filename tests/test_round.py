@@ -43,8 +43,10 @@ def test_a_tree_of_fedavg_nodes_equals_the_flat_federation():
     groups = [["s0", "s1"], ["s2", "s3", "s4"]]
     uploads = []
     for group in groups:  # each sub-federation starts from the root's params (its anchor)
-        node = algo.init(theta)
-        res = node.node_round(algo, node, ((_payload(silos[s][0]), silos[s][1]) for s in group), anchor=theta)
+        start = algo.init(theta)
+        res = node.node_round(
+            algo, start, ((_payload(silos[s][0]), silos[s][1]) for s in group), anchor=theta
+        )
         assert res.weight == sum(silos[s][1] for s in group)
         # the node's update upward is its own pseudo-gradient, anchor - θ_node, which for a FedAvg
         # node is the token-weighted mean of its children's Δ
