@@ -43,27 +43,6 @@ from fedjax_lm.client import ClientOutput, client_final, client_init, client_rou
 from fedjax_lm.node import node_round
 
 INNER_STATE_MODES = ("keep", "reset")
-_FIELDS = {
-    "rounds",
-    "local_steps",
-    "silos_per_round",
-    "inner_state",
-    "aggregate_inner_moments",
-    "compression",
-    "block_size",
-    "error_feedback",
-    "max_update_norm",
-    "max_update_norm_ratio",
-    "outer",
-    "parallel",
-    "sample_seed",
-    "eval_every",
-    "checkpoint_every",
-    "report_every",
-    "deploy",
-}
-_DEPLOY_FIELDS = {"store", "deadline_s", "adaptive_deadline", "deadline_factor", "min_deadline_s", "quorum"}
-_DEPLOY_FIELDS |= {"poll_s"}
 
 
 def default_federation_config() -> ml_collections.ConfigDict:
@@ -103,9 +82,10 @@ def default_federation_config() -> ml_collections.ConfigDict:
 
 def check_config(fed: Mapping[str, Any]) -> None:
     """Every federation field, checked before anything is built; errors name the field."""
-    unknown = set(fed) - _FIELDS
+    defaults = default_federation_config()  # the one list of fields
+    unknown = set(fed) - set(defaults)
     if unknown:
-        raise ValueError(f"federation has unknown fields {sorted(unknown)}; valid: {sorted(_FIELDS)}")
+        raise ValueError(f"federation has unknown fields {sorted(unknown)}; valid: {sorted(defaults)}")
     for key in ("rounds", "local_steps", "block_size"):
         if int(fed[key]) < 1:
             raise ValueError(f"federation.{key} must be >= 1, got {fed[key]}")
@@ -134,10 +114,10 @@ def check_config(fed: Mapping[str, Any]) -> None:
     except ValueError as e:
         raise ValueError(f"federation.outer: {e}") from None
     d = fed["deploy"]
-    unknown = set(d) - _DEPLOY_FIELDS
+    unknown = set(d) - set(defaults.deploy)
     if unknown:
         raise ValueError(
-            f"federation.deploy has unknown fields {sorted(unknown)}; valid: {sorted(_DEPLOY_FIELDS)}"
+            f"federation.deploy has unknown fields {sorted(unknown)}; valid: {sorted(defaults.deploy)}"
         )
     if int(d["quorum"]) < 1:
         raise ValueError(f"federation.deploy.quorum must be >= 1, got {d['quorum']}")
