@@ -17,8 +17,8 @@ Conventions
   scaled by token counts. The store's streaming aggregation (`store.aggregate`) uses the
   same factors and kernel, so the simulation and the deployment agree bit for bit.
 * `OuterAlgorithm` has fedjax's shape: `init(params) -> OuterState` and
-  `apply(state, updates) -> (state, diagnostics)`; `step(state, mean)` is the outer step
-  alone, for a mean computed elsewhere (streamed from the store).
+  `step(state, mean) -> (state, diagnostics)`, the outer step on a mean computed by
+  `mean_of_payloads` (in memory, `node.node_round`) or streamed from the store.
 
 Photon's option to also average the silos' inner optimizer moments is
 `aggregate_optimizer_moments`, which streams through the same running mean.
@@ -308,7 +308,7 @@ def outer_apply(state: OuterState, mean_delta: PyTree, tx: optax.GradientTransfo
 
 
 class OuterAlgorithm:
-    """init(params) -> OuterState; apply(state, updates) -> (state, diagnostics)."""
+    """init(params) -> OuterState; step(state, mean) -> (state, diagnostics)."""
 
     def __init__(self, outer_cfg: Mapping[str, Any]):
         self.tx = make_outer_optimizer(outer_cfg)
@@ -319,13 +319,6 @@ class OuterAlgorithm:
 
     def init(self, params: PyTree) -> OuterState:
         return self._init(params)
-
-    def apply(
-        self, state: OuterState, updates: Iterable[tuple[PyTree, float]]
-    ) -> tuple[OuterState, dict[str, Any]]:
-        """`updates` yields (payload, weight) one at a time: memory stays one model."""
-        mean, total, n = mean_of_payloads(state.params, updates)
-        return self.step(state, mean, tokens=total, silos=n)
 
     def step(self, state: OuterState, mean_delta: PyTree, **diag) -> tuple[OuterState, dict[str, Any]]:
         """The outer step on an aggregated mean pseudo-gradient, with its diagnostics."""

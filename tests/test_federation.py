@@ -10,6 +10,7 @@ import pytest
 from fedjax_lm import compression
 from fedjax_lm import federation
 from fedjax_lm import model as model_lib
+from fedjax_lm import node
 from fedjax_lm import optim
 from fedjax_lm import outer
 from fedjax_lm import sharding
@@ -62,7 +63,8 @@ def test_one_silo_H1_fedavg_equals_one_centralized_step():
     out = _client(silo)(
         server.params, silo.fresh_opt_state(server.params), None, jnp.int32(0), silo.put_batch(batch, ndim=3)
     )
-    server, diag = algo.apply(server, [(out.payload, 64.0)])
+    res = node.node_round(algo, server, [(out.payload, 64.0)])
+    server, diag = res.state, res.diagnostics
     assert diag["silos"] == 1 and diag["tokens"] == 64.0
     for a, b in zip(
         jax.tree.leaves(jax.device_get(server.params)), jax.tree.leaves(jax.device_get(central.params))
@@ -85,12 +87,12 @@ def test_token_weighting_in_the_round():
     d2 = jax.tree.map(lambda x: 5 * jnp.ones_like(x), p0)
     pay = lambda d: compression.compress(d, None, "none")[0]
     server = algo.init(p0)
-    server, _ = algo.apply(server, [(pay(d1), 1.0), (pay(d2), 3.0)])
+    server = node.node_round(algo, server, [(pay(d1), 1.0), (pay(d2), 3.0)]).state
     # mean delta = (1*1 + 3*5)/4 = 4 -> params - 4
     for a, b in zip(jax.tree.leaves(server.params), jax.tree.leaves(p0)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b) - 4.0, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError):
-        algo.apply(algo.init(p0), [])
+        node.node_round(algo, algo.init(p0), [])
 
 
 def test_sampling_is_seeded_and_varies_by_round():

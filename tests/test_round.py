@@ -37,7 +37,8 @@ def test_a_tree_of_fedavg_nodes_equals_the_flat_federation():
     algo = outer.OuterAlgorithm(outer.default_outer_config("fedavg"))
     theta = _tree(0)
     silos = {f"s{i}": (_tree(10 + i, 0.1), 100.0 * (i + 1)) for i in range(5)}  # Δ_k, tokens_k
-    flat, diag = algo.apply(algo.init(theta), ((_payload(d), w) for d, w in silos.values()))
+    res = node.node_round(algo, algo.init(theta), ((_payload(d), w) for d, w in silos.values()))
+    flat, diag = res.state, res.diagnostics
     assert diag["silos"] == 5 and diag["tokens"] == 1500.0
 
     groups = [["s0", "s1"], ["s2", "s3", "s4"]]

@@ -18,7 +18,7 @@ from fedjax_lm import store as store_lib
 from fedjax_lm.data import build as build_sources
 from fedjax_lm.data import config as data_config
 from fedjax_lm.data import select
-from fedjax_lm.deploy.common import check_deployable, check_store_run, log, read_server
+from fedjax_lm.deploy.common import check_deployable, check_store_run, log
 
 
 class SiloWorker:
@@ -72,11 +72,11 @@ class SiloWorker:
         data_cfg.tokenizer = path
         return data_cfg
 
-    def _load_private(self, params) -> tuple[dict[str, Any], int]:
-        """(private arrays, last round trained); a fresh state before the first round."""
+    def _load_private(self, r: int) -> tuple[dict[str, Any], int]:
+        """(private arrays, last round trained); a fresh state (shaped like global/r) before the first."""
         last = self.store.latest_silo_state(self.name)
         if last is None:
-            return self.fed.fresh_private(params), -1
+            return self.fed.fresh_private(self.store.read_global_params(r, self.fed.abstract_params)), -1
         arrays, meta = self.store.restore_silo_state(self.name, last, self.fed.abstract_private())
         self.iterator.set_state(meta["data_iterator"])
         return {"opt_state": arrays.get("opt_state"), "error": arrays.get("error")}, int(meta["round"])
@@ -88,8 +88,8 @@ class SiloWorker:
         )
 
     def _train(self, r: int, private, *, progress: bool):
-        try:
-            server, _ = read_server(self.fed, self.store, r)
+        try:  # a silo needs the global params only, not the outer optimizer state
+            params = self.store.read_global_params(r, self.fed.abstract_params)
         except FileNotFoundError:
             raise FileNotFoundError(
                 f"silo {self.name}: global/{r} is no longer in the store, so the private state of round {r} "
@@ -102,19 +102,19 @@ class SiloWorker:
             if progress
             else None
         )
-        out = self.fed.train_silo(server.params, private, batches, r, report)
-        return out, time.perf_counter() - t, server.params
+        out = self.fed.train_silo(params, private, batches, r, report)
+        return out, time.perf_counter() - t
 
     def catch_up(self, r: int) -> tuple[dict[str, Any], int]:
         """The private state as of the start of round r: replays committed rounds it has not saved."""
-        private, last = self._load_private(self.store.read_global_params(r, self.fed.abstract_params))
+        private, last = self._load_private(r)
         for q in range(last + 1, r):
             if self.store.is_committed(q, self.name):
                 log(
                     self.name,
                     f"round {q}: committed before a restart; replaying it to rebuild the private state",
                 )
-                out, _, _ = self._train(q, private, progress=False)
+                out, _ = self._train(q, private, progress=False)
                 private = self.fed.next_private(private, out)
                 self._save_private(q, private)
                 last = q
@@ -135,7 +135,7 @@ class SiloWorker:
                 self.store.wait_for_global(r + 1, timeout_s=10 * 24 * 3600, poll_s=self.poll)
                 continue
             committed = self.store.is_committed(r, self.name)
-            out, secs, _ = self._train(r, private, progress=not committed)
+            out, secs = self._train(r, private, progress=not committed)
             del private
             loss = float(out.metrics["loss"].mean())
             tokens = float(out.metrics["tokens"].sum())
