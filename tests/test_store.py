@@ -736,3 +736,89 @@ def test_lock_on_object_store_backend():
         lock.refresh()
     lock_b.release()
     store.acquire_aggregator_lock({"who": "C"}, host="host-c").release()
+
+
+# ------------------------------------------------------------------------ lock: who may be taken over
+
+needs_pid_namespace = pytest.mark.skipif(
+    not lock_lib.process_identity()["pid_ns"], reason="this machine's pid namespace cannot be read"
+)
+
+
+def _reaped_pid():
+    """(pid, start time) of a process that has exited and been reaped."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    start = lock_lib._pid_start(child.pid)
+    child.kill()
+    child.wait()
+    return child.pid, start
+
+
+def _plant_holder(store, *, pid_ns, pid, pid_start, age_s=0.0, lease_s=60.0):
+    """A lock record of another aggregator on this host name and boot id (another container)."""
+    me = lock_lib.process_identity()
+    now = time.time()
+    record = {
+        "owner": {"who": "planted"},
+        "host": me["host"],
+        "boot_id": me["boot_id"],
+        "pid": pid,
+        "pid_start": pid_start,
+        "since": now - age_s,
+        "refreshed": now - age_s,
+        "lease_s": lease_s,
+        "nonce": "planted",
+    }
+    if pid_ns is not None:  # None: a record written before the namespace was recorded
+        record["pid_ns"] = pid_ns
+    store.objects.put_json(lock_lib.LOCK_KEY, record)
+    return record
+
+
+@pytest.fixture(params=["local", "memory"])
+def lock_store(request, tmp_path):
+    if request.param == "local":
+        return Store(tmp_path)
+    return Store(f"memory://lock_ns_{os.urandom(8).hex()}")
+
+
+@needs_pid_namespace
+@pytest.mark.parametrize("pid_ns", ["pid:[1]", None], ids=["other-namespace", "no-namespace-recorded"])
+def test_lock_dead_pid_in_another_pid_namespace_is_held_while_its_lease_is_fresh(lock_store, pid_ns):
+    """Containers on one machine share the boot id (and often the host name) but not pid numbers:
+    a pid that is free here may be a live aggregator in the next container."""
+    pid, start = _reaped_pid()
+    assert not lock_lib.pid_alive(pid, start)
+    _plant_holder(lock_store, pid_ns=pid_ns, pid=pid, pid_start=start)
+    with pytest.raises(LockHeld, match=f"pid {pid} "):
+        lock_store.acquire_aggregator_lock({"who": "me"})
+    assert lock_store.objects.get_json(lock_lib.LOCK_KEY)["nonce"] == "planted"
+
+
+@needs_pid_namespace
+def test_lock_dead_pid_in_this_pid_namespace_is_taken_over_at_once(lock_store, caplog):
+    pid, start = _reaped_pid()
+    _plant_holder(lock_store, pid_ns=lock_lib.process_identity()["pid_ns"], pid=pid, pid_start=start)
+    with caplog.at_level(logging.WARNING, logger="fedjax_lm.store.lock"):
+        lock = lock_store.acquire_aggregator_lock({"who": "me"})
+    assert any(f"pid {pid} " in r.getMessage() and "is dead" in r.getMessage() for r in caplog.records)
+    assert lock.record["owner"] == {"who": "me"}
+    assert lock.record["pid_ns"] == lock_lib.process_identity()["pid_ns"]
+    lock.release()
+
+
+@needs_pid_namespace
+@pytest.mark.parametrize("case", ["dead-in-other-namespace", "alive-in-this-namespace"])
+def test_lock_expired_lease_is_taken_over_wherever_the_holder_is(lock_store, caplog, case):
+    if case == "dead-in-other-namespace":
+        pid, start = _reaped_pid()
+        pid_ns = "pid:[1]"
+    else:  # a live holder that stopped refreshing (hung) loses the lock too
+        me = lock_lib.process_identity()
+        pid, start, pid_ns = me["pid"], me["pid_start"], me["pid_ns"]
+    _plant_holder(lock_store, pid_ns=pid_ns, pid=pid, pid_start=start, age_s=61.0, lease_s=60.0)
+    with caplog.at_level(logging.WARNING, logger="fedjax_lm.store.lock"):
+        lock = lock_store.acquire_aggregator_lock({"who": "me"})
+    assert any("lease expired" in r.getMessage() for r in caplog.records)
+    assert lock.record["owner"] == {"who": "me"}
+    lock.release()

@@ -1,9 +1,17 @@
 """Where things live under a store root, and small-object I/O on any backend.
 
 A root is a local path (or ``file://`` URL), ``gs://bucket/prefix``, ``s3://bucket/prefix`` or
-``memory://prefix`` (TensorStore's in-process store; updates, run.json and locks only — Orbax
-needs a real file system or bucket). Arrays go through TensorStore kvstore specs built from the
-root; Orbax gets the root URL unchanged.
+``memory://prefix`` (TensorStore's in-process store). Arrays go through TensorStore kvstore specs
+built from the root; Orbax checkpoints (global/, silos/) get the root URL unchanged and exist on
+local and gs:// roots only (`Root.orbax_path`): s3:// and memory:// roots hold run.json, the
+tokenizer, updates and the lock.
+
+S3 outside AWS (MinIO, Ceph, a test server): the endpoint comes from the environment as for the
+AWS CLI and SDKs — ``AWS_ENDPOINT_URL_S3``, else ``AWS_ENDPOINT_URL`` (e.g.
+``http://127.0.0.1:9000``), with the signing region from ``AWS_REGION``, else
+``AWS_DEFAULT_REGION`` (TensorStore's default: us-east-1). Without an endpoint TensorStore finds
+the bucket's AWS region itself. Credentials: ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``
+(/ ``AWS_SESSION_TOKEN``), ``~/.aws`` or the instance metadata (TensorStore's default chain).
 
 Layout (see DESIGN.md "Store layout")::
 
@@ -138,14 +146,26 @@ class Root:
         if self.bucket:
             spec["bucket"] = self.bucket
         spec["path"] = self.path + key
+        if self.scheme == "s3":
+            spec.update(s3_endpoint())
         return spec
 
     def orbax_path(self, key: str) -> str:
-        """`key`'s location as Orbax expects it: an absolute local path, or the bucket URL."""
+        """`key`'s location as Orbax expects it: an absolute local path, or the gs:// URL."""
         if self.scheme == "memory":
             raise ValueError(
-                f"store root {self.url!r}: Orbax checkpoints (global/, silos/) need a local path, "
-                "gs:// or s3:// root; memory:// holds run.json, updates and locks only"
+                f"store root {self.url!r}: Orbax checkpoints (global/, silos/) need a local path "
+                "or gs:// root; memory:// holds run.json, updates and locks only"
+            )
+        if self.scheme == "s3":
+            # orbax-checkpoint 0.12.8 turns "s3://b/p" into "s3:/b/p" (os.path.normpath; only
+            # "gs:/" is repaired) and writes the arrays to that *local relative* folder, or
+            # refuses it ("Checkpoint path should be absolute") with OCDBT; without s3fs its
+            # epath layer already fails ("Install s3fs to access S3").
+            raise NotImplementedError(
+                f"store root {self.url!r}: Orbax checkpoints (global/, silos/) cannot be written to "
+                "s3:// (orbax-checkpoint 0.12.8 supports local paths and gs:// only); an s3:// root "
+                "holds run.json, the tokenizer, updates and the lock"
             )
         if self.is_local:
             return self.local(key)
@@ -153,6 +173,21 @@ class Root:
 
     def context(self) -> ts.Context:
         return _MEMORY_CONTEXT if self.scheme == "memory" else ts.Context()
+
+
+def s3_endpoint() -> dict[str, str]:
+    """TensorStore s3 kvstore options for a non-AWS endpoint, from the environment variables the
+    AWS CLI and SDKs read (see the module docstring); {} on AWS itself."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if not endpoint:
+        # On AWS, TensorStore asks the bucket for its region: a region taken from the
+        # environment (often a CLI default) could name the wrong one.
+        return {}
+    out = {"endpoint": endpoint.rstrip("/")}
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        out["aws_region"] = region
+    return out
 
 
 class Objects:

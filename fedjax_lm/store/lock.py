@@ -1,15 +1,21 @@
 """The aggregator lock: at most one aggregator per store.
 
 The lock is one small object, ``locks/aggregator.lock``, holding a JSON record of its
-holder: host, boot id, pid (+ the process start time, against pid reuse), since, last
-refresh, lease and a random nonce. Acquiring it:
+holder: host, boot id, pid namespace, pid (+ the process start time, against pid reuse),
+since, last refresh, lease and a random nonce. Acquiring it:
 
-* it does not exist -> create it exclusively;
-* its holder is on this host (same host name and boot id) -> it is held while that process
-  lives; a dead (``kill -9``), zombie or reused pid means it is taken over, with a warning;
-* its holder is on another host -> it is held while its lease is fresh: the holder calls
-  `Lock.refresh()` (or runs `Lock.start_heartbeat()`) more often than every `lease_s`;
-  after `lease_s` without a refresh it is taken over, with a warning;
+* it does not exist, or holds a released record -> take it;
+* its holder is provably dead -> take it over at once, with a warning. Provably dead: the
+  record names this host, this boot id *and* this pid namespace (``/proc/self/ns/pid``), and
+  its pid is not running (dead, zombie, or reused: another start time). The namespace is
+  needed because containers on one machine share the boot id and often the host name but not
+  their pids: a pid that is free in one container may be a live aggregator in the next. A
+  record without a namespace (written before it was recorded) or a machine where it cannot be
+  read proves nothing;
+* otherwise it is held while its lease is fresh: the holder calls `Lock.refresh()` (or runs
+  `Lock.start_heartbeat()`) more often than every `lease_s`; after `lease_s` without a
+  refresh it is taken over, with a warning. A holder on a rebooted host or in another
+  container, dead or not, is thus taken over one lease after its last refresh;
 * otherwise `LockHeld`, whose message names the holder.
 
 Every change is a compare-and-swap on the lock object, so two aggregators racing for a stale
@@ -20,11 +26,28 @@ lock cannot both win, and a holder that lost its lock finds out on its next refr
   replace (temp file + ``os.replace``) or unlink the file only if it still holds the record
   read before, all under an ``flock`` on ``aggregator.lock.guard`` so the read-compare-write
   is atomic among aggregators;
-* object stores (and memory://): TensorStore conditional writes on the object's generation.
-  On GCS, creation is a write with ``ifGenerationMatch=0`` (the O_EXCL of buckets), take-over
-  and refresh write with ``ifGenerationMatch=<generation read>``, release deletes with the
-  same precondition; on S3 the same with ``If-None-Match: *`` / ``If-Match: <etag>``.
-  Only the local and memory:// paths are tested here.
+* gs:// and memory://: TensorStore conditional writes and deletes on the object's generation
+  (on GCS ``ifGenerationMatch=0`` to create, ``ifGenerationMatch=<generation read>`` after;
+  memory:// is tested, gs:// is not);
+* s3://: conditional PUTs, ``If-None-Match: *`` to create and ``If-Match: <ETag read>`` to
+  take over, refresh and release (tests/test_s3.py). With TensorStore 0.1.86:
+
+  - for a non-AWS endpoint TensorStore by default peeks with a HEAD (``If-Match``) before the
+    conditional PUT (and, per its source, sends no condition to a server it takes for Ceph).
+    The lock therefore reopens the kvstore with ``use_conditional_write: true`` (one PUT that
+    carries the condition, checked by the server only), and every `acquire` first checks that
+    the server honours both conditions (`check_s3_conditional_writes`: a second create and a
+    write on a stale ETag must both be refused). A server that ignores them makes `acquire`
+    raise `LockUnsupported`: no lock rather than one that lets two aggregators in.
+  - TensorStore sends no condition with an S3 DELETE (a HEAD ``If-Match``, then a plain
+    DELETE), so deleting could remove a lock another aggregator took over in between. On S3,
+    release therefore overwrites the record with a *released* record (``If-Match``) instead
+    of deleting it; a released record is free to take.
+  - ETags of single-part PUTs are content MD5s: every record carries a fresh nonce and
+    timestamps, so two records never share one.
+  - Tested against moto 5.2.5's ``moto_server``, which refuses both conditions with 412 — but
+    checks and writes in two steps without a lock, so there only sequential compare-and-swap
+    is meaningful; AWS S3 applies the condition atomically.
 """
 
 from __future__ import annotations
@@ -71,6 +94,10 @@ class LockLost(RuntimeError):
     """This process's lock was taken over (its lease expired) or removed."""
 
 
+class LockUnsupported(RuntimeError):
+    """The store cannot hold the lock safely (an S3 server that ignores conditional writes)."""
+
+
 def _iso(t: float) -> str:
     return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat(timespec="seconds")
 
@@ -84,6 +111,30 @@ def _boot_id() -> str:
             return f.read().strip()
     except OSError:
         return ""
+
+
+def _pid_namespace() -> str:
+    """This process's pid namespace ("pid:[4026531836]"), or "" when it cannot be told: no
+    /proc, or a /proc that numbers processes otherwise than this process's namespace does."""
+    try:
+        if os.readlink("/proc/self") != str(os.getpid()):
+            return ""
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
+def process_identity(host: str | None = None) -> dict[str, Any]:
+    """What a lock record says about its holder: host name (`host` or this machine's), boot id,
+    pid namespace, pid and the pid's start time ("" / None where they cannot be read)."""
+    pid = os.getpid()
+    return {
+        "host": host or socket.gethostname(),
+        "boot_id": _boot_id(),
+        "pid_ns": _pid_namespace(),
+        "pid": pid,
+        "pid_start": _pid_start(pid),
+    }
 
 
 def _proc_stat(pid: int) -> tuple[str, int] | None:
@@ -120,22 +171,26 @@ def pid_alive(pid: int, start: int | None = None) -> bool:
     return True
 
 
-def _stale_reason(holder: dict[str, Any] | None, host: str, boot_id: str, now: float) -> str | None:
-    """Why the lock record `holder` may be taken over, or None if it is held."""
+def _released(record: dict[str, Any] | None) -> bool:
+    return isinstance(record, dict) and "released" in record
+
+
+def _stale_reason(holder: dict[str, Any] | None, me: dict[str, Any], now: float) -> str | None:
+    """Why the lock record `holder` may be taken over by the process `me` (`process_identity`),
+    or None if it is held (see the module docstring)."""
     if not isinstance(holder, dict) or not isinstance(holder.get("pid"), int):
         return "the lock record is unreadable"
-    if holder.get("host") == host:
-        if boot_id and holder.get("boot_id") and holder["boot_id"] != boot_id:
-            return f"host {host} rebooted since the lock was taken"
-        if not pid_alive(holder["pid"], holder.get("pid_start")):
-            return f"its holder, pid {holder['pid']} on this host ({host}), is dead"
-        return None
+    same_namespace = all(me[k] and holder.get(k) == me[k] for k in ("host", "boot_id", "pid_ns"))
+    if same_namespace and not pid_alive(holder["pid"], holder.get("pid_start")):
+        return (
+            f"its holder, pid {holder['pid']} on this host ({me['host']}) and in this pid namespace, is dead"
+        )
     refreshed, lease = holder.get("refreshed"), holder.get("lease_s")
     if not isinstance(refreshed, (int, float)) or not isinstance(lease, (int, float)):
         return "the lock record has no lease"
     if now > refreshed + lease:
         return (
-            f"its lease expired (holder on host {holder.get('host')!r} last refreshed "
+            f"its lease expired (holder pid {holder['pid']} on host {holder.get('host')!r} last refreshed "
             f"{now - refreshed:.1f} s ago, lease {lease} s)"
         )
     return None
@@ -204,6 +259,11 @@ class KvBackend:
     """Compare-and-swap on a TensorStore kvstore object; the token is its storage generation."""
 
     def __init__(self, kvstore: ts.KvStore, key: str, where: str):
+        spec = kvstore.spec().to_json()
+        self.s3 = spec.get("driver") == "s3"
+        if self.s3 and not spec.get("use_conditional_write"):
+            # One PUT carrying If-None-Match / If-Match, checked by the server, not a HEAD first.
+            kvstore = ts.KvStore.open({**spec, "use_conditional_write": True}).result()
         self.kv = kvstore
         self.key = key
         self.where = where
@@ -213,6 +273,8 @@ class KvBackend:
         yield  # the conditional writes are the atomic step
 
     def create(self, data: bytes) -> bytes | None:
+        if self.s3:  # create is the first step of every acquire
+            check_s3_conditional_writes(self.kv, self.key + f".probe-{uuid.uuid4().hex}", self.where)
         r = self.kv.read(self.key).result()
         if r.state == "value":
             return None
@@ -226,12 +288,35 @@ class KvBackend:
         return self._cas(token, data)
 
     def delete(self, token: bytes) -> bool:
+        if self.s3:  # no conditional DELETE on S3 (module docstring): leave a released record
+            return self._cas(token, _dump({"released": time.time(), "nonce": uuid.uuid4().hex})) is not None
         return self._cas(token, None) is not None
 
     def _cas(self, token: bytes, data: bytes | None) -> bytes | None:
         # A failed condition is not an error: the returned generation is empty.
         gen = self.kv.write(self.key, data, if_equal=token).result().generation
         return gen if gen else None
+
+
+def check_s3_conditional_writes(kv: ts.KvStore, probe_key: str, where: str) -> None:
+    """Raises LockUnsupported unless the server behind `kv` refuses a create (If-None-Match: *)
+    of an existing object and a write on a stale ETag (If-Match). Uses, then deletes, `probe_key`."""
+    absent = kv.read(probe_key).result().stamp.generation
+    try:
+        first = kv.write(probe_key, b"probe 1", if_equal=absent).result().generation
+        second_create = kv.write(probe_key, b"probe 2", if_equal=absent).result().generation
+        kv.write(probe_key, b"probe 3").result()
+        stale_write = kv.write(probe_key, b"probe 4", if_equal=first).result().generation
+    finally:
+        kv.write(probe_key, None).result()
+    ignored = [h for h, gen in (("If-None-Match: *", second_create), ("If-Match", stale_write)) if gen]
+    if not first or ignored:
+        endpoint = kv.spec().to_json().get("endpoint", "AWS S3")
+        raise LockUnsupported(
+            f"aggregator lock {where}: the S3 server ({endpoint}) does not honour conditional writes "
+            f"({', '.join(ignored) or 'a create with If-None-Match: * failed'}), so two aggregators "
+            "could both take the lock; use a server that supports them (AWS S3 does), or a gs:// or local root"
+        )
 
 
 # ----------------------------------------------------------------------------- the lock
@@ -278,7 +363,9 @@ class Lock:
             if token is None:
                 self._held = False
                 desc = (
-                    f"host {holder.get('host')!r} pid {holder.get('pid')}" if holder else "nobody (removed)"
+                    f"host {holder.get('host')!r} pid {holder.get('pid')}"
+                    if holder and not _released(holder)
+                    else "nobody (released or removed)"
                 )
                 raise LockLost(f"aggregator lock {self._backend.where} was taken over; now held by {desc}")
             self.record, self._token = record, token
@@ -335,16 +422,11 @@ def acquire(backend: Any, owner_info: dict[str, Any], *, lease_s: float, host: s
     machine's name; tests pass another name to play an aggregator on a second host."""
     if not lease_s > 0:
         raise ValueError(f"lease_s must be positive, got {lease_s}")
-    host = host or socket.gethostname()
-    boot_id = _boot_id()
+    me = process_identity(host)
     now = time.time()
-    pid = os.getpid()
     record = {
         "owner": dict(owner_info),
-        "host": host,
-        "boot_id": boot_id,
-        "pid": pid,
-        "pid_start": _pid_start(pid),
+        **me,
         "since": now,
         "refreshed": now,
         "lease_s": float(lease_s),
@@ -360,12 +442,13 @@ def acquire(backend: Any, owner_info: dict[str, Any], *, lease_s: float, host: s
                 token = backend.create(data)
             else:
                 holder = _parse(cur[0])
-                why = _stale_reason(holder, host, boot_id, now)
-                if why is None:
-                    raise LockHeld(backend.where, holder)
-                log.warning(
-                    "taking over aggregator lock %s: %s (previous holder: %s)", backend.where, why, holder
-                )
+                if not _released(holder):
+                    why = _stale_reason(holder, me, now)
+                    if why is None:
+                        raise LockHeld(backend.where, holder)
+                    log.warning(
+                        "taking over aggregator lock %s: %s (previous holder: %s)", backend.where, why, holder
+                    )
                 token = backend.replace(cur[1], data)
         if token is None:  # another aggregator won the race
             cur = backend.read()
