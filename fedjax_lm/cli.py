@@ -23,7 +23,9 @@ _ALLOW = flags.DEFINE_boolean(
 )
 _MESH = flags.DEFINE_string("mesh", None, "Mesh as data,fsdp,tensor (e.g. 1,8,1)")
 _BATCH = flags.DEFINE_integer("batch_size", None, "Global batch size (default: config.train.batch_size)")
-_OUT = flags.DEFINE_string("out", None, "Output folder of the Hugging Face model")
+_OUT = flags.DEFINE_string(
+    "out", None, "Output folder (export: the Hugging Face model; keygen: the key files)"
+)
 _STORE = flags.DEFINE_string("store", None, "The store root (local path, gs://, s3://)")
 _SILO = flags.DEFINE_string("silo", None, "This silo's name")
 _PROMPT = flags.DEFINE_string("prompt", None, "Text to continue")
@@ -31,6 +33,10 @@ _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "Sampling temperature (0: greedy)")
 _TOP_K = flags.DEFINE_integer("top_k", 40, "Sample among the k most likely tokens (0: all)")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed")
+_NAME = flags.DEFINE_string("name", None, "Member name: a silo's name, or 'aggregator'")
+_ALLOW_LIST = flags.DEFINE_string(
+    "allow_list", None, "Allow-list JSON file to add the new public key to (created if missing)"
+)
 _SOURCE = flags.DEFINE_multi_string(
     "source",
     None,
@@ -80,6 +86,12 @@ VERBS = {
         "lower and compile the train step for a mesh without running it; prints memory per device",
         ("config", "mesh", "batch_size"),
         "python -m fedjax_lm compile --config experiments/centralized.py:size=1.3b --mesh 1,8,1",
+    ),
+    "keygen": Verb(
+        "an Ed25519 key pair for one member of a signed deployment (NAME.key stays on its machine)",
+        ("name", "out", "allow_list"),
+        "python -m fedjax_lm keygen --name quotes-en --out keys --allow_list keys/federation.json",
+        needs_config=False,
     ),
     "aggregate": Verb(
         "the aggregator process of a cross-silo deployment",
@@ -221,6 +233,21 @@ def _cmd_export(config) -> None:
     print(f"exported {what} to {out} (Hugging Face Llama format, tokenizer.model beside the weights)")
 
 
+def _cmd_keygen(config) -> None:
+    from fedjax_lm import identity
+
+    name = _require(_NAME, "name", "keygen")
+    out = _require(_OUT, "out", "keygen")
+    path, public = identity.generate(name, out)
+    print(f"private key: {path} (mode 0600; it never leaves this machine)")
+    print(f"public key:  {public}")
+    if _ALLOW_LIST.value:
+        identity.add_to_allow_list(_ALLOW_LIST.value, name, public)
+        print(f"added {name!r} to {_ALLOW_LIST.value}")
+    else:
+        print("send the public key to whoever assembles the federation's allow-list")
+
+
 def _store_root(config) -> str:
     root = _STORE.value or config.federation.deploy.store
     if not root:
@@ -274,6 +301,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def _load_config(verb: str):
     config = _CONFIG.value
+    if verb == "keygen":
+        return None  # no config: a key belongs to a member, not to a run
     if config is None and not VERBS[verb].needs_config and _WORKDIR.value:
         from fedjax_lm import runs
 

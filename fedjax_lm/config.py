@@ -105,7 +105,25 @@ def _tuples(obj: Any) -> Any:
 def from_json_dict(obj: Mapping[str, Any]) -> ml_collections.ConfigDict:
     """A config read back from JSON (run.json): lists become tuples again, so list-valued fields
     stay overridable from the command line (config_flags cannot override list fields)."""
-    return ml_collections.ConfigDict(_tuples(dict(obj)))
+    obj = _tuples(dict(obj))
+    if isinstance(obj.get("federation"), dict):
+        # Fields added since the run was written take their defaults, which keep the old behaviour.
+        from fedjax_lm import federation
+
+        obj["federation"] = _with_defaults(
+            federation.default_federation_config().to_dict(), obj["federation"]
+        )
+    return ml_collections.ConfigDict(obj)
+
+
+def _with_defaults(defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    out = dict(given)
+    for key, value in defaults.items():
+        if key not in out:
+            out[key] = _tuples(value) if isinstance(value, (list, dict)) else value
+        elif isinstance(value, dict) and isinstance(out[key], dict) and key != "outer":
+            out[key] = _with_defaults(value, out[key])
+    return out
 
 
 _SECTIONS = ("model", "data", "optim", "mesh", "sharding", "train")

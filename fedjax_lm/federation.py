@@ -37,6 +37,7 @@ from fedjax_lm import compression
 from fedjax_lm import model as model_lib
 from fedjax_lm import monitor
 from fedjax_lm import outer
+from fedjax_lm import robust
 from fedjax_lm import sharding as sharding_lib
 from fedjax_lm import silo as silo_lib
 from fedjax_lm.client import ClientOutput, client_final, client_init, client_round
@@ -58,6 +59,10 @@ def default_federation_config() -> ml_collections.ConfigDict:
             error_feedback=True,
             max_update_norm=0.0,  # reject a pseudo-gradient whose global L2 norm exceeds this (0: off)
             max_update_norm_ratio=10.0,  # ... or exceeds this x the median norm of the round (>= 3 silos; 0: off)
+            # How the accepted updates become one: "mean" (token-weighted), or the unweighted
+            # coordinate-wise "median" / "trimmed_mean" (fedjax_lm/robust.py says exactly how).
+            aggregation="mean",
+            trim_fraction=robust.DEFAULT_TRIM_FRACTION,  # trimmed_mean: dropped at EACH end, in [0, 0.5)
             outer=outer.default_outer_config("fedavg"),
             parallel=False,  # simulation: train the K silos of a round in one vmapped program
             sample_seed=0,
@@ -74,6 +79,10 @@ def default_federation_config() -> ml_collections.ConfigDict:
                     min_deadline_s=30.0,
                     quorum=1,
                     poll_s=0.5,
+                    # Signed exchange (python -m fedjax_lm keygen): the federation's allow-list of public
+                    # keys and this process's own private key; both empty = unsigned (a warning says so).
+                    allow_list="",
+                    key="",
                 )
             ),
         )
@@ -107,6 +116,7 @@ def check_config(fed: Mapping[str, Any]) -> None:
         raise ValueError(
             f"federation.compression must be one of {compression.METHODS}, got {fed['compression']!r}"
         )
+    robust.check_rule(fed["aggregation"], fed["trim_fraction"])
     if fed["aggregate_inner_moments"] and fed["inner_state"] != "keep":
         raise ValueError("federation.aggregate_inner_moments needs federation.inner_state='keep'")
     try:
@@ -124,6 +134,11 @@ def check_config(fed: Mapping[str, Any]) -> None:
     for key in ("poll_s", "deadline_s", "min_deadline_s", "deadline_factor"):
         if not float(d[key]) > 0:
             raise ValueError(f"federation.deploy.{key} must be > 0, got {d[key]}")
+    if d.get("key") and not d.get("allow_list"):
+        raise ValueError(
+            "federation.deploy.key is set but federation.deploy.allow_list is not: a signed federation "
+            "needs the allow-list of every member's public key (python -m fedjax_lm keygen --help)"
+        )
 
 
 def check_silo_count(fed: Mapping[str, Any], num_silos: int) -> None:
@@ -181,6 +196,7 @@ class Federation:
         self.method, self.block_size = str(fed.compression), int(fed.block_size)
         self.max_norm = float(fed.max_update_norm) or None
         self.norm_ratio = float(fed.max_update_norm_ratio)
+        self.aggregation, self.trim_fraction = str(fed.aggregation), float(fed.trim_fraction)
         # The most tokens a silo can see in a round: its claimed count is capped here (the server
         # decides weights; a claim of 1e37 tokens would otherwise be the whole mean).
         self.token_cap = float(self.H * self.batch_size * self.seq_len)
@@ -326,12 +342,16 @@ class Federation:
 
     # -- the aggregating node ----------------------------------------------------------------
     def aggregate(self, server: outer.OuterState, updates: Iterable[tuple[Any, float]]):
-        """In memory (simulation): the running mean of (payload, weight) pairs, then `step`."""
-        result = node_round(self, server, updates)
+        """In memory (simulation): (payload, weight) pairs aggregated by `federation.aggregation`
+        (`robust.aggregate_payloads`), then `step`."""
+        result = node_round(
+            self, server, updates, aggregation=self.aggregation, trim_fraction=self.trim_fraction
+        )
         return result.state, result.diagnostics
 
     def step(self, server: outer.OuterState, mean, **diag):
-        """The outer step on a mean computed elsewhere (streamed from the store), never publishing
+        """The outer step on an aggregate computed elsewhere (streamed from the store: the mean, or the
+        robust rule's result, stepped on alike), never publishing
         non-finite params: if the mean or the stepped params are not finite, the round closes
         without an update (params and outer state unchanged, the round counted) and says why."""
         new, out = self.algo.step(server, mean, **diag)

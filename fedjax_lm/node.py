@@ -5,6 +5,11 @@ are silos. A federation of federations (WorldLM) nests nodes: an inner node aggr
 children like a root, then reports its own pseudo-gradient (anchor − θ_node) to its parent as a
 silo would. `node_round` is that step for any node; both drivers' roots go through it
 (`Federation.aggregate` in memory) or through the same `step` (`deploy.aggregator`, streamed).
+
+The children's updates are aggregated by the node's rule (`robust.aggregate_payloads`): the
+token-weighted running mean holds one model whatever the number of children; the median and the
+trimmed mean hold the children's K payloads until every leaf is reduced (K × the compressed model;
+each leaf is then decoded, sorted across the K children and reduced in one fused pass).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import Any
 
 from fedjax_lm import compression
 from fedjax_lm import outer
+from fedjax_lm import robust
 from fedjax_lm.client import client_final
 
 
@@ -36,6 +42,8 @@ def node_round(
     error: Any = None,
     method: str = "none",
     block_size: int = compression.DEFAULT_BLOCK_SIZE,
+    aggregation: str = "mean",
+    trim_fraction: float = robust.DEFAULT_TRIM_FRACTION,
 ) -> NodeResult:
     """One node's round: aggregate its children's (payload, weight), step, report upward.
 
@@ -45,8 +53,10 @@ def node_round(
     round; with it, the node's update to its parent is its own pseudo-gradient
     `anchor − θ_node` (compressed like a silo's, with the node's error feedback) and its
     weight the total weight of its children. The root has no anchor and returns None.
+    `aggregation` ("mean", "median", "trimmed_mean") and `trim_fraction` are the node's rule
+    (`robust`); the outer step is applied to its result whatever the rule.
     """
-    mean, total, n = outer.mean_of_payloads(state.params, children)
+    mean, total, n = robust.aggregate_payloads(state.params, children, aggregation, trim_fraction)
     state, diag = algo.step(state, mean, tokens=total, silos=n)
     to_parent = new_error = None
     if anchor is not None:

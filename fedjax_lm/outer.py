@@ -111,6 +111,20 @@ def running_fractions(weights: Sequence[float]) -> list[np.float32]:
     return out
 
 
+def decode_payload_leaf(payload_leaf: dict[str, jax.Array], shape: tuple[int, ...]) -> jax.Array:
+    """The f32 values of one payload leaf ({"x"} f32/bf16, or int8 {"q", "scale"}), shaped `shape`.
+
+    Traced inside every aggregation kernel (`fold_into_mean`, `robust.median_leaf`,
+    `robust.trimmed_mean_leaf`), so all rules and both drivers decode an upload identically.
+    Shapes are the caller's to check (`compression.decompress`, `store.aggregate`).
+    """
+    if set(payload_leaf) == {"x"}:
+        return payload_leaf["x"].astype(jnp.float32)
+    q, scale = payload_leaf["q"], payload_leaf["scale"]
+    x = q.astype(jnp.float32) * scale.astype(jnp.float32)[:, None]
+    return x.reshape(-1)[: math.prod(shape)].reshape(shape)
+
+
 @functools.partial(jax.jit, donate_argnums=0)
 def fold_into_mean(mean: jax.Array, payload_leaf: dict[str, jax.Array], frac: jax.Array) -> jax.Array:
     """(1 − frac) · mean + frac · decode(payload_leaf), decoding fused into the same kernel.
@@ -119,12 +133,7 @@ def fold_into_mean(mean: jax.Array, payload_leaf: dict[str, jax.Array], frac: ja
     convex combination, not `mean + frac · (x − mean)`, so finite inputs near the f32 limits never
     overflow (x − mean can); frac = 1 still returns x exactly.
     """
-    if set(payload_leaf) == {"x"}:
-        x = payload_leaf["x"].astype(jnp.float32)
-    else:
-        q, scale = payload_leaf["q"], payload_leaf["scale"]
-        x = q.astype(jnp.float32) * scale.astype(jnp.float32)[:, None]
-        x = x.reshape(-1)[: mean.size].reshape(mean.shape)
+    x = decode_payload_leaf(payload_leaf, mean.shape)
     return (1.0 - frac) * mean + frac * x
 
 

@@ -3,10 +3,15 @@
     python -m fedjax_lm train --config experiments/photon.py:size=tiny,silos=8 --workdir runs/photon
 
 Its loop: sample the round's silos, train each from the global params (one after another,
-or all at once as one vmapped program with `federation.parallel`), check each update, fold
-them into the token-weighted mean and apply the outer step (`Federation.aggregate`), write
-the round's row, checkpoint. Everything a round *is* lives in `federation`; the multi-process
-deployment (`deploy`) runs the same pieces over a store and ends bit-identical.
+or all at once as one vmapped program with `federation.parallel`), check each update,
+aggregate the accepted ones by `federation.aggregation` and apply the outer step
+(`Federation.aggregate`), write the round's row, checkpoint. Everything a round *is* lives in
+`federation`; the multi-process deployment (`deploy`) runs the same pieces over a store and
+ends bit-identical, for every aggregation rule.
+
+Memory: the round's K compressed payloads are held until the round is aggregated (they are
+checked first). The token-weighted mean then folds them into one f32 model; the median and the
+trimmed mean (`robust`) reduce all K of them leaf by leaf, so they stay held until the last leaf.
 """
 
 from __future__ import annotations
@@ -249,6 +254,7 @@ def train(
         "silos": len(f.names),
         "silos_per_round": int(config.federation.silos_per_round) or len(f.names),
         "outer": config.federation.outer.name,
+        "aggregation": config.federation.aggregation,
         "compression": config.federation.compression,
         "tokens": sum(r["tokens"] for r in monitor.rows_by_round(workdir, "rounds").values()),
         "wall_time_s": time.time() - t_start,

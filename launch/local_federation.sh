@@ -5,6 +5,8 @@
 #
 # Logs: RUN/logs/aggregator.log and RUN/logs/<silo>.log. The store is RUN/store, the aggregator's
 # metrics and summary.json are in RUN/aggregator. Ctrl-C stops every process.
+# The exchange is signed: one Ed25519 key per member in RUN/keys (made by `keygen` on the first run),
+# their allow-list RUN/keys/federation.json. UNSIGNED=1 runs without keys.
 set -euo pipefail
 CONFIG=${1:?usage: launch/local_federation.sh CONFIG RUN_DIR [flags...]}
 RUN=${2:?usage: launch/local_federation.sh CONFIG RUN_DIR [flags...]}
@@ -21,15 +23,28 @@ SILOS=$(tail -n 1 "$RUN/logs/prepare.log" | sed -n 's/^silos: //p')
 [ -n "$SILOS" ] || { echo "prepare failed: see $RUN/logs/prepare.log" >&2; exit 1; }
 echo "silos: $SILOS"
 
+# One key per member (each organisation would run keygen on its own machine and send the .pub).
+KEYS="$RUN/keys"
+key_flags() { :; }
+if [ "${UNSIGNED:-0}" != "1" ]; then
+  for m in aggregator $SILOS; do
+    [ -f "$KEYS/$m.key" ] || "$PY" -m fedjax_lm keygen --name "$m" --out "$KEYS" --allow_list "$KEYS/federation.json" \
+      >>"$RUN/logs/keygen.log"
+  done
+  key_flags() { echo "--config.federation.deploy.allow_list=$KEYS/federation.json --config.federation.deploy.key=$KEYS/$1.key"; }
+fi
+
 pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; }
 trap cleanup INT TERM
 
-"$PY" -m fedjax_lm aggregate --config "$CONFIG" --store "$RUN/store" --workdir "$RUN/aggregator" "$@" \
+# shellcheck disable=SC2046
+"$PY" -m fedjax_lm aggregate --config "$CONFIG" --store "$RUN/store" --workdir "$RUN/aggregator" $(key_flags aggregator) "$@" \
   >"$RUN/logs/aggregator.log" 2>&1 &
 agg=$!
 for s in $SILOS; do
-  "$PY" -m fedjax_lm silo --config "$CONFIG" --store "$RUN/store" --silo "$s" "$@" >"$RUN/logs/$s.log" 2>&1 &
+  # shellcheck disable=SC2046
+  "$PY" -m fedjax_lm silo --config "$CONFIG" --store "$RUN/store" --silo "$s" $(key_flags "$s") "$@" >"$RUN/logs/$s.log" 2>&1 &
   pids+=($!)
 done
 pids+=($agg)

@@ -15,6 +15,7 @@ from fedjax_lm import compression
 from fedjax_lm import config as config_lib
 from fedjax_lm import deploy
 from fedjax_lm import federation
+from fedjax_lm import identity
 from fedjax_lm import simulation
 from fedjax_lm import store as store_lib
 
@@ -22,7 +23,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.multiprocess
 
 
-def make_config(small_corpus, tmp_path, *, rounds=3, deadline_s=60.0, **deploy_overrides):
+MEMBERS = ("aggregator", "code", "lines", "prose")
+
+
+def make_keys(tmp_path, members=MEMBERS):
+    """One Ed25519 key per member in tmp_path/keys, and their allow-list (as `keygen` makes them)."""
+    keys = tmp_path / "keys"
+    for name in members:
+        _, public = identity.generate(name, str(keys))
+        identity.add_to_allow_list(str(keys / "federation.json"), name, public)
+    return keys
+
+
+def make_config(small_corpus, tmp_path, *, rounds=3, deadline_s=60.0, signed=False, **deploy_overrides):
+    if signed:
+        deploy_overrides["allow_list"] = str(make_keys(tmp_path) / "federation.json")
     c = config_lib.load_config(
         os.path.join(ROOT, "experiments/photon.py") + f":size=tiny,vocab=512,H=3,rounds={rounds}"
     )
@@ -51,19 +66,22 @@ class Procs:
             PYTHONPATH=ROOT,
         )
 
-    def start(self, name, verb, *args, env=None):
+    def start(self, name, verb, *args, env=None, member=None):
         log = open(self.tmp / f"{name}.log", "a")
         cmd = [sys.executable, "-m", "fedjax_lm", verb, "--config", self.spec, "--store", self.store, *args]
+        key = self.tmp / "keys" / f"{member}.key"
+        if member and key.exists():  # a signed federation: each process holds its own key
+            cmd.append(f"--config.federation.deploy.key={key}")
         self.procs[name] = subprocess.Popen(
             cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**self.env, **(env or {})}
         )
         return self.procs[name]
 
     def aggregator(self, name="aggregator", **kw):
-        return self.start(name, "aggregate", "--workdir", str(self.tmp / "agg"), **kw)
+        return self.start(name, "aggregate", "--workdir", str(self.tmp / "agg"), member="aggregator", **kw)
 
     def silo(self, silo, name=None, **kw):
-        return self.start(name or silo, "silo", "--silo", silo, **kw)
+        return self.start(name or silo, "silo", "--silo", silo, member=silo, **kw)
 
     def log(self, name):
         return (self.tmp / f"{name}.log").read_text()
@@ -120,7 +138,8 @@ def assert_equals_simulation(config, tmp_path, got):
 
 
 def test_multiprocess_run_equals_one_process_simulation(small_corpus, tmp_path, procs):
-    config, spec = make_config(small_corpus, tmp_path)
+    """A signed deployment (every update and global signed and verified) ends where the simulation does."""
+    config, spec = make_config(small_corpus, tmp_path, signed=True)
     p = procs["p"] = Procs(tmp_path, spec)
     p.aggregator()
     for s in ("code", "prose", "lines"):
@@ -130,6 +149,10 @@ def test_multiprocess_run_equals_one_process_simulation(small_corpus, tmp_path, 
         p.wait(s)
     got, meta = final_params(config, p.store, 3)
     assert meta["accepted"] == ["code", "lines", "prose"]
+    allow = identity.AllowList.load(config.federation.deploy.allow_list)
+    assert identity.verify_meta(allow, meta) is None and meta["signed_by"] == "aggregator"
+    assert store_lib.Store(p.store).commit_problem(2, "code", allow) is None  # the silo's own signature
+    assert "unsigned federation" not in p.log("aggregator") + p.log("code")
     sim = assert_equals_simulation(config, tmp_path, got)
     summary = json.loads((tmp_path / "agg" / "summary.json").read_text())
     assert summary["val"]["pooled"]["loss"] == pytest.approx(sim["val"]["pooled"]["loss"], abs=0)
@@ -171,7 +194,7 @@ def test_silo_killed_between_commit_and_state_save_replays_and_ends_bit_identica
     small_corpus, tmp_path, procs
 ):
     """The window between a silo's COMMITTED marker and its private-state save, restarted late."""
-    config, spec = make_config(small_corpus, tmp_path, rounds=3)
+    config, spec = make_config(small_corpus, tmp_path, rounds=3, signed=True)
     p = procs["p"] = Procs(tmp_path, spec)
     store = store_lib.Store(p.store)
     p.aggregator()
@@ -265,11 +288,17 @@ def test_bad_updates_are_rejected_by_name_and_the_round_goes_on(small_corpus, tm
     store = store_lib.Store(p.store)
     p.aggregator()
     wait_until(lambda: store.latest_global() == 0, what="global/0")
-    params, _, _ = store.read_global(0, fed.abstract_params, fed.abstract_outer_opt)
+    params, _, meta0 = store.read_global(0, fed.abstract_params, fed.abstract_outer_opt)
     delta = jax.tree.map(lambda x: np.full(x.shape, 0.01, np.float32), jax.device_get(params))
     good, _ = compression.compress(delta, None, config.federation.compression)
     good = jax.device_get(good)
-    man = {"tokens": 384.0, "loss": 6.0, "method": "int8", "finished_at": time.time()}
+    man = {
+        "tokens": 384.0,
+        "loss": 6.0,
+        "method": "int8",
+        "finished_at": time.time(),
+        "base_global_sha256": meta0["params_sha256"],  # so that the NaN is what is rejected
+    }
     nan_delta = jax.tree.map(lambda x: x.copy(), delta)
     jax.tree.leaves(nan_delta)[0][0] = np.nan
     store.write_update(0, "lines", jax.device_get(compression.compress(nan_delta, None, "int8")[0]), man)
@@ -284,6 +313,8 @@ def test_bad_updates_are_rejected_by_name_and_the_round_goes_on(small_corpus, tm
     assert set(meta["rejected"]) == {"lines", "intruder"}
     for silo, reason in meta["rejected"].items():
         assert silo in reason and "round 0" in reason
+    assert "non-finite" in meta["rejected"]["lines"]
+    assert "not a member" in meta["rejected"]["intruder"]
 
 
 def test_second_aggregator_refuses_to_run(small_corpus, tmp_path, procs):

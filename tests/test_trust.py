@@ -15,7 +15,9 @@ import pytest
 from fedjax_lm import compression
 from fedjax_lm import deploy
 from fedjax_lm import federation
+from fedjax_lm import identity
 from fedjax_lm import outer
+from fedjax_lm import store as store_lib
 from tests.test_deploy import make_config
 
 SILOS = ("code", "lines", "prose")
@@ -27,7 +29,7 @@ def round0(small_corpus, tmp_path):
     config.federation.compression = "none"  # exact arithmetic for the expected means
     agg = deploy.Aggregator(config, str(tmp_path / "store"), str(tmp_path / "agg"))
     agg._start_or_resume()  # run.json, tokenizer, global/0
-    server, meta = deploy.read_server(agg.fed, agg.store, 0)
+    server, meta = deploy.read_server(agg.fed, agg.store, 0, agg.trust)
     theta = jax.device_get(server.params)
     yield agg, server, meta, theta
     agg.store.close()
@@ -36,6 +38,7 @@ def round0(small_corpus, tmp_path):
 def _commit(agg, silo, theta, value, tokens=384.0, **manifest):
     delta = jax.tree.map(lambda x: np.full(x.shape, value, np.float32), theta)
     payload = jax.device_get(compression.compress(delta, None, "none")[0])
+    manifest.setdefault("base_global_sha256", agg.store.read_global_meta(0)["params_sha256"])
     agg.store.write_update(
         0, silo, payload, {"round": 0, "silo": silo, "tokens": tokens, "loss": 5.0, **manifest}
     )
@@ -157,3 +160,165 @@ def test_the_lock_is_heart_beaten_and_a_taken_over_aggregator_publishes_nothing(
     # create-exclusive: a global that exists already is never rewritten, and says so
     with pytest.raises(LockLost, match="global/0 was published by another process"):
         agg._publish(0, server, {})
+
+
+# ----------------------------------------------------------------------------- signed federation
+
+
+@pytest.fixture
+def signed0(small_corpus, tmp_path):
+    """A signed federation at round 0: the aggregator and every silo hold keys in tmp_path/keys."""
+    config, _ = make_config(small_corpus, tmp_path, rounds=1, signed=True)
+    config.federation.compression = "none"
+    config.federation.deploy.key = str(tmp_path / "keys" / "aggregator.key")
+    agg = deploy.Aggregator(config, str(tmp_path / "store"), str(tmp_path / "agg"))
+    agg._start_or_resume()
+    server, meta = deploy.read_server(agg.fed, agg.store, 0, agg.trust)
+    signers = {s: identity.Signer.load(str(tmp_path / "keys" / f"{s}.key"), s) for s in SILOS}
+    yield agg, server, meta, jax.device_get(server.params), signers
+    agg.store.close()
+
+
+def _signed_commit(agg, silo, theta, value, signer, r=0, **manifest):
+    delta = jax.tree.map(lambda x: np.full(x.shape, value, np.float32), theta)
+    payload = jax.device_get(compression.compress(delta, None, "none")[0])
+    manifest.setdefault("base_global_sha256", agg.store.read_global_meta(r)["params_sha256"])
+    agg.store.write_update(r, silo, payload, {"tokens": 384.0, "loss": 5.0, **manifest}, signer=signer)
+
+
+def test_a_forged_or_unsigned_update_is_not_counted_and_is_rejected(signed0, tmp_path):
+    agg, server, meta, theta, signers = signed0
+    mallory = identity.Signer(
+        "code", identity.Signer.load(identity.generate("mallory", str(tmp_path / "mk"))[0], "mallory")._key
+    )  # a key the federation does not list, used under code's name
+    _signed_commit(agg, "code", theta, 0.5, mallory)
+    _commit(agg, "lines", theta, 0.5)  # no signature at all
+    _signed_commit(agg, "prose", theta, 0.01, signers["prose"])
+    assert agg._counted_commits(0, list(SILOS)) == ["prose"]  # the forgeries cannot close the round
+    server, row = _close(agg, server, {**meta, "deadline": 0})  # closes at once with what counts
+    assert row["accepted"] == ["prose"]
+    assert "bad signature (not made with 'code''s key)" in row["rejected"]["code"]
+    assert "update signature: unsigned" in row["rejected"]["lines"]
+    _assert_params(server, theta, 0.01)
+
+
+def test_the_real_silo_replaces_a_forged_commit_under_its_name(signed0, tmp_path):
+    agg, _, _, theta, signers = signed0
+    _commit(agg, "code", theta, 0.5)  # unsigned forgery, first
+    assert not agg.store.is_committed(0, "code", signers["code"])
+    _signed_commit(agg, "code", theta, 0.01, signers["code"])  # the silo's own upload replaces it
+    assert agg.store.is_committed(0, "code", signers["code"])
+    assert agg.store.commit_problem(0, "code", agg.trust.allow) is None
+    got = agg.store.read_update(0, "code", agg.fed.abstract_payload)
+    assert float(jax.tree.leaves(got)[0].reshape(-1)[0]) == pytest.approx(0.01)
+
+
+def test_a_replayed_update_is_rejected_and_its_silo_uploads_anew(signed0):
+    agg, _, meta, theta, signers = signed0
+    _signed_commit(agg, "code", theta, 0.01, signers["code"])
+    src = agg.store.layout.local("updates/0")
+    dst = agg.store.layout.local("updates/1")
+    shutil.copytree(os.path.join(src, "code"), os.path.join(dst, "code"))
+    shutil.copyfile(os.path.join(src, "code.COMMITTED"), os.path.join(dst, "code.COMMITTED"))
+    with pytest.raises(store_lib.UpdateRejected, match="manifest names round 0"):
+        agg.store.validate_update(
+            1, "code", agg.fed.abstract_payload, expected_silos=SILOS, current_round=1, allow=agg.trust.allow
+        )
+    assert "manifest names round 0" in agg.store.commit_problem(1, "code", agg.trust.allow)  # not counted
+    # the silo itself does not take the replay for its round-1 commit
+    assert not agg.store.is_committed(1, "code", signers["code"])
+
+
+def test_an_update_trained_from_a_stale_global_is_rejected(signed0):
+    agg, server, meta, theta, signers = signed0
+    _signed_commit(agg, "code", theta, 0.01, signers["code"], base_global_sha256="0" * 64)
+    _signed_commit(agg, "lines", theta, 0.01, signers["lines"])
+    _signed_commit(agg, "prose", theta, 0.01, signers["prose"])
+    server, row = _close(agg, server, meta)
+    assert row["accepted"] == ["lines", "prose"]
+    assert "trained from other global params" in row["rejected"]["code"]
+
+
+def test_a_global_that_is_not_the_aggregators_is_refused(signed0):
+    agg, server, meta, theta, _ = signed0
+    trust = agg.trust
+    # someone rewrites global/0 with other params under the aggregator's valid signed meta
+    path = agg.store.layout.local("global/0")
+    shutil.rmtree(path)
+    agg.store.close()
+    other = jax.tree.map(lambda x: x + 1.0, server.params)
+    agg.store.publish_global(0, other, server.opt_state, meta)
+    with pytest.raises(deploy.GlobalRejected, match="does not match the sha256 in its signed meta"):
+        deploy.read_server(agg.fed, agg.store, 0, trust)
+    # ... or publishes the next global itself: silos refuse it and the aggregator will not publish over it
+    forged = {**meta, "round": 1, "signed_by": "aggregator", "signature": "AAAA"}
+    agg.store.publish_global(1, other, server.opt_state, forged)
+    with pytest.raises(deploy.GlobalRejected, match="not the aggregator's"):
+        deploy.global_meta(agg.store, 1, trust)
+    with pytest.raises(deploy.GlobalRejected, match="cannot publish global/1"):
+        agg._publish(1, server, {})
+
+
+def test_a_process_with_another_allow_list_or_key_is_refused(signed0, tmp_path):
+    agg, _, _, _, _ = signed0
+    config = agg.config.copy_and_resolve_references()
+    config.federation.deploy.key = str(tmp_path / "keys" / "code.key")  # the aggregator's role, code's key
+    with pytest.raises(identity.IdentityError, match="is not the key the allow-list"):
+        deploy.load_trust(config, "aggregator")
+    config.federation.deploy.key = ""
+    with pytest.raises(identity.IdentityError, match="needs its private key"):
+        deploy.load_trust(config, "code")
+    unsigned = agg.config.copy_and_resolve_references()
+    unsigned.federation.deploy.update(allow_list="", key="")
+    with pytest.raises(ValueError, match="signs its exchange and this process has no allow-list"):
+        deploy.check_store_run(agg.store, unsigned, "silo code", deploy.load_trust(unsigned, "code"))
+    keys2 = tmp_path / "other-keys"
+    for name in ("aggregator", *SILOS):
+        _, pub = identity.generate(name, str(keys2))
+        identity.add_to_allow_list(str(keys2 / "federation.json"), name, pub)
+    other = agg.config.copy_and_resolve_references()
+    other.federation.deploy.update(allow_list=str(keys2 / "federation.json"), key=str(keys2 / "code.key"))
+    with pytest.raises(
+        ValueError, match="allow-list differs .*members whose keys differ: aggregator, code, lines, prose"
+    ):
+        deploy.check_store_run(agg.store, other, "silo code", deploy.load_trust(other, "code"))
+
+
+def test_markers_and_non_members_are_capped(signed0):
+    agg, server, meta, theta, signers = signed0
+    _signed_commit(agg, "code", theta, 0.01, signers["code"])
+    with open(agg.store.layout.local("updates/0/code.COMMITTED"), "a") as f:
+        f.write(" " * 5000)
+    for k in range(20):
+        _commit(agg, f"stranger{k:02d}", theta, 0.01)
+    _signed_commit(agg, "lines", theta, 0.01, signers["lines"])
+    server, row = _close(agg, server, {**meta, "deadline": 0})
+    assert row["accepted"] == ["lines"]
+    assert "COMMITTED marker is 5," in row["rejected"]["code"]
+    named = [s for s in row["rejected"] if s.startswith("stranger")]
+    assert len(named) == 16 and "4 more updates" in row["rejected"]["(more non-members)"]
+
+
+def test_malformed_zarr_metadata_is_rejected(round0):
+    """A silo re-encodes its (hash-valid) data with a codec the store does not write, or cuts it
+    into tiny chunks: refused before its chunks are decoded."""
+    import json as json_lib
+
+    agg, server, meta, theta = round0
+    _commit(agg, "code", theta, 0.01)
+    _commit(agg, "lines", theta, 0.01)
+    _commit(agg, "prose", theta, 0.01)
+    for silo, change in (("code", "codec"), ("lines", "chunks")):
+        zarr_json = sorted(
+            glob.glob(agg.store.layout.local(f"updates/0/{silo}/**/zarr.json"), recursive=True)
+        )[0]
+        m = json_lib.load(open(zarr_json))
+        if change == "codec":
+            m["codecs"] = [m["codecs"][0], {"name": "gzip", "configuration": {"level": 9}}]
+        else:
+            m["chunk_grid"]["configuration"]["chunk_shape"] = [1] * len(m["shape"])
+        json_lib.dump(m, open(zarr_json, "w"))
+    server, row = _close(agg, server, meta)
+    assert row["accepted"] == ["prose"]
+    assert "zarr codecs ['bytes', 'gzip'] are not the store's" in row["rejected"]["code"]
+    assert "zarr chunk shape [1" in row["rejected"]["lines"]

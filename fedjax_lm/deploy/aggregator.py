@@ -15,6 +15,7 @@ from fedjax_lm import config as config_lib
 from fedjax_lm import data as data_lib
 from fedjax_lm import evaluate as eval_lib
 from fedjax_lm import federation as fed_lib
+from fedjax_lm import identity
 from fedjax_lm import model as model_lib
 from fedjax_lm import monitor
 from fedjax_lm import outer
@@ -22,13 +23,18 @@ from fedjax_lm import runs
 from fedjax_lm import store as store_lib
 from fedjax_lm.data import select
 from fedjax_lm.deploy.common import (
+    GlobalRejected,
     check_deployable,
     check_store_run,
+    global_meta,
+    load_trust,
     log,
     read_server,
     shared_config,
     silo_names,
 )
+
+MAX_STRANGERS_LOGGED = 16  # updates under names that are not members: reported by name up to this many
 
 
 class Deadlines:
@@ -60,7 +66,16 @@ class Aggregator:
         self.config, self.workdir, self.allow = config, workdir, allow_config_change
         self.deploy = config.federation.deploy
         self.store = store_lib.Store(store_root)
-        self.fed = fed_lib.Federation(config, silo_names(config))
+        names = silo_names(config)
+        if identity.AGGREGATOR in names:
+            raise ValueError(f"no silo may be named {identity.AGGREGATOR!r}: the allow-list reserves it")
+        self.trust = load_trust(config, identity.AGGREGATOR)
+        if self.trust.signed:
+            self.trust.allow.require(names)
+        self.fed = fed_lib.Federation(config, names)
+        self._checked_commits: dict[
+            tuple[int, str], tuple[bytes | None, str | None]
+        ] = {}  # marker -> problem
         self.deadlines = Deadlines(self.deploy)
         self._lock = None  # held while run() runs
         self.ledger = monitor.CommLedger()
@@ -75,8 +90,18 @@ class Aggregator:
             "sampled": self.fed.sample(r),
             "published_at": now,
             "deadline": now + self.deadlines.next(),
+            # What silos train from and updates are bound to; signed with the rest of the meta.
+            "params_sha256": identity.tree_sha256(server.params),
+            "opt_state_sha256": identity.tree_sha256(server.opt_state),
         }
-        if not self.store.publish_global(r, server.params, server.opt_state, {**meta, **extra}):
+        full = {**meta, **extra}
+        if self.trust.signer is not None:
+            full = identity.sign_meta(self.trust.signer, full)
+        if not self.store.publish_global(r, server.params, server.opt_state, full):
+            try:
+                global_meta(self.store, r, self.trust)
+            except GlobalRejected as e:
+                raise GlobalRejected(f"cannot publish global/{r}: {e}") from None
             raise store_lib.LockLost(
                 f"global/{r} was published by another process while this aggregator held the lock: stopping"
             )
@@ -91,7 +116,7 @@ class Aggregator:
         quorum = min(int(self.deploy.quorum), len(sampled))
         shown, last_shown, warned = None, 0.0, False
         while True:
-            committed = self.store.committed_silos(r, sampled)
+            committed = self._counted_commits(r, sampled)
             now = time.time()
             if committed != shown or now - last_shown > 30:
                 left = meta["deadline"] - now
@@ -119,13 +144,41 @@ class Aggregator:
                     warned = True
             time.sleep(float(self.deploy.poll_s))
 
+    def _counted_commits(self, r: int, sampled: list[str]) -> list[str]:
+        """Sampled silos whose commit counts toward closing the round: in a signed federation a
+        marker must carry the silo's own signature, so a forger cannot close a round early in
+        a silo's name (the silo replaces the forgery with its real update)."""
+        counted = []
+        for silo in self.store.committed_silos(r, sampled):
+            marker = self.store.read_marker_bytes(r, silo)
+            seen = self._checked_commits.get((r, silo))
+            if seen is None or seen[0] != marker:  # the manifest is read once per marker seen
+                problem = self.store.commit_problem(r, silo, self.trust.allow)
+                self._checked_commits[(r, silo)] = (marker, problem)
+                if problem:
+                    log(
+                        "aggregator",
+                        f"round {r}: the commit under silo {silo}'s name does not count: {problem}",
+                    )
+            else:
+                problem = seen[1]
+            if problem is None:
+                counted.append(silo)
+        return counted
+
+    def _members_committed(self, r: int) -> tuple[list[str], list[str]]:
+        """(members of the federation with a marker for round r, other names with one)."""
+        names = self.store.committed_silos(r)
+        members = set(self.fed.names)
+        return [n for n in names if n in members], [n for n in names if n not in members]
+
     def _log_late_updates(self, r: int) -> list[str]:
         """Updates committed for round r-1 after it closed: ignored, and said so."""
         if r == 0:
             return []
         prev = self.store.read_global_meta(r)
         seen = set(prev.get("accepted", [])) | set(prev.get("rejected", {}))
-        late = sorted(set(self.store.committed_silos(r - 1)) - seen)
+        late = sorted(set(self._members_committed(r - 1)[0]) - seen)
         for silo in late:
             log("aggregator", f"ignored late update of silo {silo} for closed round {r - 1}")
         return late
@@ -134,7 +187,19 @@ class Aggregator:
         committed = self.wait_for_round(r, meta)
         late = self._log_late_updates(r)
         manifests, rejected = {}, {}
-        for silo in sorted(set(self.store.committed_silos(r)) | set(committed)):  # unsampled ones too
+        members, strangers = self._members_committed(r)
+        # Names that are not members are never read: their number is whatever a writer wants, so
+        # the first few are reported by name and the rest counted.
+        for silo in strangers[:MAX_STRANGERS_LOGGED]:
+            rejected[silo] = str(store_lib.UpdateRejected(silo, r, "not a member of the federation"))
+            log("aggregator", f"REJECTED {rejected[silo]}")
+        if len(strangers) > MAX_STRANGERS_LOGGED:
+            rest = len(strangers) - MAX_STRANGERS_LOGGED
+            rejected["(more non-members)"] = (
+                f"{rest} more updates for round {r} under names that are not members"
+            )
+            log("aggregator", f"REJECTED {rejected['(more non-members)']}")
+        for silo in sorted(set(members) | set(committed)):  # unsampled members too
             try:
                 manifests[silo] = self.store.validate_update(
                     r,
@@ -145,10 +210,18 @@ class Aggregator:
                     current_round=r,
                     max_norm=self.fed.max_norm,
                     like_params=self.fed.silo.abstract_params,
+                    allow=self.trust.allow,
+                    base_sha256=meta["params_sha256"],
                 )
             except store_lib.UpdateRejected as e:
                 rejected[silo] = str(e)
                 log("aggregator", f"REJECTED {e}")
+        pause = float(os.environ.get("FEDJAX_PAUSE_AFTER_VALIDATION_S", "0"))  # fault-injection window
+        if pause:
+            log(
+                "aggregator", f"round {r}: validated {sorted(manifests)}; pausing {pause}s before aggregating"
+            )
+            time.sleep(pause)
         outliers = self.fed.outlier_norms({s: m["validation"]["norm"] for s, m in manifests.items()})
         for silo, reason in outliers.items():
             manifests.pop(silo)
@@ -173,14 +246,22 @@ class Aggregator:
         return server, row
 
     def _aggregate(self, r: int, server: outer.OuterState, manifests: dict, rejected: dict):
-        """The outer step on the streamed mean of the accepted updates (weights decided here). Data is
-        re-hashed while it is read: an update changed since validation, or one that cannot be read,
-        is dropped and the mean recomputed without it."""
+        """The outer step on the streamed aggregate of the accepted updates (weights decided here;
+        `federation.aggregation`: the token-weighted mean, or the median / trimmed mean of
+        `fedjax_lm.robust`). Data is re-hashed while it is read: an update changed since validation,
+        or one that cannot be read, is dropped and the aggregate recomputed without it."""
         while manifests:
             weights = {s: self.fed.weight(m["tokens"]) for s, m in manifests.items()}
             try:
-                mean = self.store.stream_weighted_mean(
-                    r, weights, server.params, manifests=manifests, verify_sha256=True
+                mean = store_lib.aggregate.stream_aggregate(
+                    self.store,
+                    r,
+                    weights,
+                    server.params,
+                    rule=self.fed.aggregation,
+                    trim_fraction=self.fed.trim_fraction,
+                    manifests=manifests,
+                    verify_sha256=True,
                 )
             except store_lib.UpdateRejected as e:
                 rejected[e.silo] = str(e)
@@ -205,10 +286,11 @@ class Aggregator:
         r = self.store.latest_global()
         if r is None:
             run["tokenizer_sha256"] = self.store.put_tokenizer(self._tokenizer_bytes())
+            run["allow_list"] = self.trust.allow.to_json() if self.trust.signed else None
             self.store.write_run({**run, "config": runs.config_dict(self.config), "silos": self.fed.names})
             self._publish(0, self.fed.init_server(int(self.config.train.seed)), {}, lock=self._lock)
             return 0
-        check_store_run(self.store, self.config, "aggregator")
+        check_store_run(self.store, self.config, "aggregator", self.trust)
         log("aggregator", f"resuming at round {r} of {self.fed.rounds}")
         for q in range(r):  # the ledger is rebuilt from what the store holds
             m = self.store.read_global_meta(q + 1)
@@ -236,7 +318,7 @@ class Aggregator:
             writer = monitor.MetricWriter(self.workdir)
             writer.truncate("rounds", keep_below=r)  # a crash between the row and the publish
             while r < self.fed.rounds:
-                server, meta = read_server(self.fed, self.store, r)
+                server, meta = read_server(self.fed, self.store, r, self.trust)
                 t_round = time.perf_counter()
                 server, row = self.close_round(r, server, meta)
                 lock.check()
@@ -264,7 +346,9 @@ class Aggregator:
                 extra = {"closed": r, "accepted": row["accepted"], "rejected": row["rejected"]}
                 self._publish(r + 1, server, {**extra, "comm": self.ledger.rounds[-1]}, lock=lock)
                 r += 1
-            summary = self._summary(read_server(self.fed, self.store, self.fed.rounds)[0], time.time() - t0)
+            summary = self._summary(
+                read_server(self.fed, self.store, self.fed.rounds, self.trust)[0], time.time() - t0
+            )
             writer.close()
         return summary
 

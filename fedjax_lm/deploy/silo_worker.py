@@ -18,7 +18,14 @@ from fedjax_lm import store as store_lib
 from fedjax_lm.data import build as build_sources
 from fedjax_lm.data import config as data_config
 from fedjax_lm.data import select
-from fedjax_lm.deploy.common import check_deployable, check_store_run, log
+from fedjax_lm.deploy.common import (
+    check_deployable,
+    check_store_run,
+    check_tree,
+    global_meta,
+    load_trust,
+    log,
+)
 
 
 class SiloWorker:
@@ -28,6 +35,7 @@ class SiloWorker:
         self.config, self.name = config, name
         self.poll = float(config.federation.deploy.poll_s)
         self.store = store_lib.Store(store_root)
+        self.trust = load_trust(config, name)
         build_sources.check_sources(config.data.sources)  # before waiting for the federation
         self.fed: fed_lib.Federation | None = None  # built once the store's run.json is there
         self.iterator = None
@@ -37,7 +45,7 @@ class SiloWorker:
         with the federation's tokenizer (from the store) and opens its data."""
         while self.store.latest_global() is None:
             time.sleep(self.poll)
-        run = check_store_run(self.store, self.config, f"silo {self.name}")
+        run = check_store_run(self.store, self.config, f"silo {self.name}", self.trust)
         if self.name not in run.get("silos", []):
             raise ValueError(
                 f"silo {self.name!r} is not a member of this federation; its silos are {run.get('silos')}"
@@ -88,13 +96,16 @@ class SiloWorker:
         )
 
     def _train(self, r: int, private, *, progress: bool):
+        """Trains round r from global/r, after checking the params are the ones the aggregator signed."""
         try:  # a silo needs the global params only, not the outer optimizer state
+            meta = global_meta(self.store, r, self.trust)
             params = self.store.read_global_params(r, self.fed.abstract_params)
         except FileNotFoundError:
             raise FileNotFoundError(
                 f"silo {self.name}: global/{r} is no longer in the store, so the private state of round {r} "
                 f"cannot be rebuilt; keep every global checkpoint (Store keep_globals=None)"
             ) from None
+        check_tree(params, meta["params_sha256"], f"global/{r} params")
         batches = select.next_batches(self.iterator, self.fed.H)
         t = time.perf_counter()
         report = (
@@ -103,22 +114,27 @@ class SiloWorker:
             else None
         )
         out = self.fed.train_silo(params, private, batches, r, report)
-        return out, time.perf_counter() - t
+        return out, time.perf_counter() - t, meta["params_sha256"]
 
     def catch_up(self, r: int) -> tuple[dict[str, Any], int]:
         """The private state as of the start of round r: replays committed rounds it has not saved."""
         private, last = self._load_private(r)
         for q in range(last + 1, r):
-            if self.store.is_committed(q, self.name):
+            if self.store.is_committed(q, self.name, self.trust.signer):
                 log(
                     self.name,
                     f"round {q}: committed before a restart; replaying it to rebuild the private state",
                 )
-                out, _ = self._train(q, private, progress=False)
+                out, _, _ = self._train(q, private, progress=False)
                 private = self.fed.next_private(private, out)
                 self._save_private(q, private)
                 last = q
         return private, last
+
+    def upload(self, r: int, payload: Any, manifest: dict[str, Any]) -> None:
+        """Commits round r's update. Each host writes its own shards; the signature covers the
+        manifest (array hashes, round, silo, base global). experiments/attacks.py overrides it."""
+        self.store.write_update(r, self.name, payload, manifest, signer=self.trust.signer)
 
     def run(self, max_rounds: int | None = None) -> int:
         """Takes part until the last round; returns the number of updates it uploaded."""
@@ -129,13 +145,13 @@ class SiloWorker:
             if r >= self.fed.rounds:
                 log(self.name, f"federation finished at round {r}")
                 return uploads
-            meta = self.store.read_global_meta(r)
+            meta = global_meta(self.store, r, self.trust)  # the sample is the aggregator's, signed
             private, last = self.catch_up(r)
             if self.name not in meta["sampled"] or last >= r:
                 self.store.wait_for_global(r + 1, timeout_s=10 * 24 * 3600, poll_s=self.poll)
                 continue
-            committed = self.store.is_committed(r, self.name)
-            out, secs = self._train(r, private, progress=not committed)
+            committed = self.store.is_committed(r, self.name, self.trust.signer)
+            out, secs, base = self._train(r, private, progress=not committed)
             del private
             loss = float(out.metrics["loss"].mean())
             tokens = float(out.metrics["tokens"].sum())
@@ -155,10 +171,9 @@ class SiloWorker:
                     "method": self.fed.method,
                     "finished_at": time.time(),
                     "flops": tokens * model_lib.flops_per_token(self.fed.silo.model_config, self.fed.seq_len),
+                    "base_global_sha256": base,  # binds the update to the global it was trained from
                 }
-                self.store.write_update(
-                    r, self.name, out.payload, manifest
-                )  # each host writes its own shards
+                self.upload(r, out.payload, manifest)
                 uploads += 1
                 log(self.name, f"round {r}: uploaded (loss {loss:.3f}, {tokens:.0f} tokens, {secs:.1f}s)")
             pause = float(os.environ.get("FEDJAX_SILO_PAUSE_AFTER_COMMIT_S", "0"))  # fault-injection window

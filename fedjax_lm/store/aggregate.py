@@ -23,6 +23,16 @@ I/O), which detects an update changed between validation and aggregation.
 
 Silos with weight 0 are not read (the in-memory path adds them with factor 0, a no-op for
 finite data).
+
+Robust rules (`federation.aggregation` = "median" | "trimmed_mean", see `fedjax_lm.robust`):
+`stream_robust_aggregate` reads, leaf by leaf, every accepted silo's copy of the leaf at once
+(one bounded read item per leaf) and reduces them with the rule's jitted kernel
+(`robust.median_leaf` / `robust.trimmed_mean_leaf`), the kernel the in-memory path calls on the
+same payloads: the two agree bit for bit. The same reads, shape checks, sha256 re-hashing and
+`UpdateRejected(silo, ...)` on a failed read as the mean. Memory: the f32 result of the model plus
+K copies of one leaf's payload (at most two leaves' worth: the one reduced and the next in flight,
+or the read budget if larger) plus TensorStore's transient buffers — K × the largest leaf, never
+K × the model (benchmarks/robust_aggregate.py measures it). `stream_aggregate` dispatches on the rule.
 """
 
 from __future__ import annotations
@@ -38,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_lm import outer
+from fedjax_lm import robust
 from fedjax_lm.store import arrays as arrays_lib
 from fedjax_lm.store import updates as updates_lib
 from fedjax_lm.store import validate as validate_lib
@@ -107,45 +118,17 @@ def stream_weighted_mean(
     longer matches its manifest).
     """
     t0 = time.perf_counter()
-    for silo, w in weights.items():
-        if not (isinstance(w, (int, float, np.number)) and np.isfinite(np.float32(w)) and w >= 0):
-            raise ValueError(f"weight of silo {silo!r} must be a finite float32 number >= 0, got {w!r}")
-    silos = [s for s, w in weights.items() if w > 0]
-    if not silos:
-        raise ValueError(
-            f"weighted mean of round {round} is empty (total weight 0): no silo contributed tokens"
-        )
+    silos = _contributors(round, weights)
     fracs = dict(zip(silos, outer.running_fractions([float(weights[s]) for s in silos])))
-    manifests = dict(manifests or {})
-    for s in silos:
-        if s not in manifests:
-            manifests[s] = validate_lib.load_manifest(store.objects, round, s)
-
-    flat, treedef = jax.tree_util.tree_flatten_with_path(like_params)
-    leaves = [(arrays_lib.keypath_str(p), tuple(x.shape), getattr(x, "sharding", None)) for p, x in flat]
-
-    # Plan (leaf-major, silo-minor) and open every array up front (metadata only).
-    index = {s: _by_param(manifests[s]) for s in silos}
-    plan = []
-    for param, shape, _ in leaves:
-        for s in silos:
-            fields = _leaf_fields(index[s], param, shape, s, round)
-            opened = {
-                f: updates_lib.open_array(store.objects, store.context, round, s, e)
-                for f, e in fields.items()
-            }
-            plan.append((param, shape, s, fields, opened))
+    leaves, treedef, opened = _open_leaves(store, round, silos, like_params, manifests)
+    plan = [
+        (param, shape, s, fields, arrays) for param, shape, _ in leaves for s, fields, arrays in opened[param]
+    ]
 
     def start(fields, opened):
         return arrays_lib.Waiter([opened[f].result().read() for f in sorted(fields)])
 
-    items = [
-        (
-            sum(math.prod(e["shape"]) * np.dtype(e["dtype"]).itemsize for e in fields.values()),
-            functools.partial(start, fields, opened),
-        )
-        for _, _, _, fields, opened in plan
-    ]
+    items = [(_nbytes(fields), functools.partial(start, fields, opened)) for _, _, _, fields, opened in plan]
     reader = arrays_lib.BoundedReader(
         store.read_budget_bytes if read_budget_bytes is None else read_budget_bytes
     )
@@ -167,9 +150,54 @@ def stream_weighted_mean(
         means[param] = mean.block_until_ready()
         del arrays, data, mean
 
+    return _finish(leaves, treedef, means, silos, reader, t0, return_stats)
+
+
+def _contributors(round: int, weights: Mapping[str, float], what: str = "weighted mean") -> list[str]:
+    """The silos read, in the order of `weights`: those of weight > 0 (weights checked)."""
+    for silo, w in weights.items():
+        if not (isinstance(w, (int, float, np.number)) and np.isfinite(np.float32(w)) and w >= 0):
+            raise ValueError(f"weight of silo {silo!r} must be a finite float32 number >= 0, got {w!r}")
+    silos = [s for s, w in weights.items() if w > 0]
+    if not silos:
+        raise ValueError(f"{what} of round {round} is empty (total weight 0): no silo contributed tokens")
+    return silos
+
+
+def _open_leaves(store: Any, round: int, silos: list[str], like_params: PyTree, manifests):
+    """(leaves [(param, shape, sharding)], treedef, {param: [(silo, fields, opened arrays)]}).
+
+    Every array is opened up front (metadata only), leaf-major and silo-minor; a missing or
+    misshapen entry raises UpdateRejected naming its silo."""
+    manifests = dict(manifests or {})
+    for s in silos:
+        if s not in manifests:
+            manifests[s] = validate_lib.load_manifest(store.objects, round, s)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(like_params)
+    leaves = [(arrays_lib.keypath_str(p), tuple(x.shape), getattr(x, "sharding", None)) for p, x in flat]
+    index = {s: _by_param(manifests[s]) for s in silos}
+    opened: dict[str, list[tuple[str, dict[str, Any], dict[str, Any]]]] = {}
+    for param, shape, _ in leaves:
+        row = opened.setdefault(param, [])
+        for s in silos:
+            fields = _leaf_fields(index[s], param, shape, s, round)
+            arrays = {
+                f: updates_lib.open_array(store.objects, store.context, round, s, e)
+                for f, e in fields.items()
+            }
+            row.append((s, fields, arrays))
+    return leaves, treedef, opened
+
+
+def _nbytes(fields: dict[str, dict[str, Any]]) -> int:
+    return sum(math.prod(e["shape"]) * np.dtype(e["dtype"]).itemsize for e in fields.values())
+
+
+def _finish(leaves, treedef, values: dict[str, jax.Array], silos, reader, t0: float, return_stats: bool):
+    """The result tree (leaves placed with the template's shardings) and, if asked, the stats."""
     out = []
     for param, _, sharding in leaves:
-        m = means[param]
+        m = values[param]
         if sharding is not None:
             m = jax.device_put(m, sharding)
         out.append(m)
@@ -185,6 +213,103 @@ def stream_weighted_mean(
         "seconds": time.perf_counter() - t0,
     }
     return result, stats
+
+
+class _LeafReads:
+    """Every silo's reads of one leaf, issued together; `result()` lists, per silo, its
+    {field: array} or the exception that stopped its read (so the failure names its silo)."""
+
+    def __init__(self, row: list[tuple[str, dict[str, Any], dict[str, Any]]]):
+        self.pending: list[Any] = []
+        for _, fields, opened in row:
+            try:
+                self.pending.append([(f, opened[f].result().read()) for f in sorted(fields)])
+            except Exception as e:  # noqa: BLE001 - reported for its silo
+                self.pending.append(e)
+
+    def result(self) -> list[dict[str, np.ndarray] | Exception]:
+        out: list[dict[str, np.ndarray] | Exception] = []
+        for reads in self.pending:
+            if isinstance(reads, Exception):
+                out.append(reads)
+                continue
+            try:
+                out.append({f: future.result() for f, future in reads})
+            except Exception as e:  # noqa: BLE001
+                out.append(e)
+        return out
+
+
+def stream_robust_aggregate(
+    store: Any,
+    round: int,
+    weights: Mapping[str, float],
+    like_params: PyTree,
+    *,
+    rule: str,
+    trim_fraction: float = robust.DEFAULT_TRIM_FRACTION,
+    manifests: Mapping[str, dict[str, Any]] | None = None,
+    verify_sha256: bool = False,
+    read_budget_bytes: int | None = None,
+    return_stats: bool = False,
+) -> PyTree | tuple[PyTree, dict[str, Any]]:
+    """The coordinate-wise `rule` ("median" or "trimmed_mean", `fedjax_lm.robust`) of the committed
+    updates of `round` from the silos of weight > 0 in `weights`, as f32 jax arrays shaped (and,
+    where the template has shardings, placed) like `like_params`.
+
+    Unweighted: each silo of positive weight counts once, whatever its tokens; the order of
+    `weights` is the order the in-memory path gets the same silos in. Raises ValueError if no
+    silo has a positive weight, and UpdateRejected (naming the silo) if an update cannot be read
+    or decoded or, with `verify_sha256`, no longer matches its manifest.
+    """
+    if rule not in robust.RULES or rule == "mean":
+        raise ValueError(f"stream_robust_aggregate takes 'median' or 'trimmed_mean', got {rule!r}")
+    t0 = time.perf_counter()
+    silos = _contributors(round, weights, rule)
+    leaves, treedef, opened = _open_leaves(store, round, silos, like_params, manifests)
+    items = [
+        (sum(_nbytes(fields) for _, fields, _ in opened[param]), functools.partial(_LeafReads, opened[param]))
+        for param, _, _ in leaves
+    ]
+    reader = arrays_lib.BoundedReader(
+        store.read_budget_bytes if read_budget_bytes is None else read_budget_bytes
+    )
+    values: dict[str, jax.Array] = {}
+    for (param, shape, _), (_, data) in zip(leaves, reader.run(items)):
+        copies = []
+        for (silo, fields, _), got in zip(opened[param], data):
+            if isinstance(got, Exception):
+                raise validate_lib.UpdateRejected(
+                    silo, round, f"param {param!r} cannot be read or decoded: {validate_lib.short_error(got)}"
+                )
+            if verify_sha256:
+                _verify(got, fields, silo, round)
+            copies.append(got)
+        # The in-memory path (robust.robust_of_payloads) calls the same kernel on the same
+        # payloads in the same silo order: bit-identical results.
+        values[param] = robust.reduce_leaf(rule, copies, shape, trim_fraction).block_until_ready()
+        del copies, data
+    return _finish(leaves, treedef, values, silos, reader, t0, return_stats)
+
+
+def stream_aggregate(
+    store: Any,
+    round: int,
+    weights: Mapping[str, float],
+    like_params: PyTree,
+    *,
+    rule: str = "mean",
+    trim_fraction: float = robust.DEFAULT_TRIM_FRACTION,
+    **kwargs: Any,
+) -> PyTree | tuple[PyTree, dict[str, Any]]:
+    """The aggregate of `federation.aggregation`'s `rule` streamed from the store: the token-weighted
+    `stream_weighted_mean` for "mean", `stream_robust_aggregate` for the robust rules. `kwargs`:
+    manifests, verify_sha256, read_budget_bytes, return_stats."""
+    if rule == "mean":
+        return stream_weighted_mean(store, round, weights, like_params, **kwargs)
+    return stream_robust_aggregate(
+        store, round, weights, like_params, rule=rule, trim_fraction=trim_fraction, **kwargs
+    )
 
 
 def _verify(arrays: dict[str, np.ndarray], fields: dict[str, dict[str, Any]], silo: str, round: int) -> None:

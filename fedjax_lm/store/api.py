@@ -7,6 +7,7 @@ import os
 from collections.abc import Container, Iterable, Mapping, Sequence
 from typing import Any
 
+from fedjax_lm import identity
 from fedjax_lm.store import aggregate as aggregate_lib
 from fedjax_lm.store import arrays as arrays_lib
 from fedjax_lm.store import checkpoints as checkpoints_lib
@@ -117,9 +118,16 @@ class Store:
     # ------------------------------------------------------------------ updates
 
     def write_update(
-        self, round: int, silo: str, payload: PyTree, manifest: Mapping[str, Any]
+        self,
+        round: int,
+        silo: str,
+        payload: PyTree,
+        manifest: Mapping[str, Any],
+        *,
+        signer: identity.Signer | None = None,
     ) -> dict[str, Any]:
-        """Writes and commits a silo's payload; returns the manifest. No-op if already committed."""
+        """Writes and commits a silo's payload (signed by `signer`); returns the manifest. No-op if
+        already committed (by `signer`: an update someone else committed under its name is replaced)."""
         return updates_lib.write_update(
             self.objects,
             self.context,
@@ -129,10 +137,26 @@ class Store:
             manifest,
             codec=self.codec,
             chunk_bytes=self.chunk_bytes,
+            signer=signer,
         )
 
-    def is_committed(self, round: int, silo: str) -> bool:
-        return self.objects.exists(layout.marker_key(round, silo))
+    def is_committed(self, round: int, silo: str, signer: identity.Signer | None = None) -> bool:
+        """A committed update of `silo` for `round` exists (and, with `signer`, it is the signer's own)."""
+        if not self.objects.exists(layout.marker_key(round, silo)):
+            return False
+        return updates_lib.foreign_commit(self.objects, round, silo, signer) is None
+
+    def commit_problem(self, round: int, silo: str, allow: identity.AllowList | None) -> str | None:
+        """Why the COMMITTED marker of `silo` cannot count as its commit for `round` (None: it can).
+
+        Not the silo's commit: an unusable or (in a signed federation) not validly signed marker,
+        a manifest that does not match the marker, or one that names another round or silo (a
+        replay). A commit that is the silo's own but bad in content (an oversized manifest, bad
+        fields or data) counts: it is the silo's last word for the round, and validation rejects it."""
+        return updates_lib.commit_problem(self.objects, round, silo, allow)
+
+    def read_marker_bytes(self, round: int, silo: str) -> bytes | None:
+        return self.objects.get(layout.marker_key(round, silo))
 
     def committed_silos(self, round: int, candidates: Sequence[str] | None = None) -> list[str]:
         return updates_lib.committed_silos(self.objects, round, candidates)
@@ -155,6 +179,8 @@ class Store:
         current_round: int | None = None,
         max_norm: float | None = None,
         like_params: PyTree = None,
+        allow: identity.AllowList | None = None,
+        base_sha256: str | None = None,
     ) -> dict[str, Any]:
         """The manifest (plus "validation": norm, bytes read) or UpdateRejected; see `validate`."""
         return validate_lib.validate_update(
@@ -169,6 +195,8 @@ class Store:
             max_norm=max_norm,
             like_params=like_params,
             read_budget_bytes=self.read_budget_bytes,
+            allow=allow,
+            base_sha256=base_sha256,
         )
 
     def stream_weighted_mean(self, round: int, weights: Mapping[str, float], like_params: PyTree, **kwargs):

@@ -10,8 +10,12 @@ Write protocol for `updates/<round>/<silo>/` (every process of a multi-host silo
    on a thread pool while TensorStore writes it. Each process then records its region
    checksums in `.regions/<process>.json`. Barrier.
 4. Process 0 merges the region files into manifest.json, then writes the marker last (its
-   content is the manifest's sha256, so a manifest swapped after the commit is detected).
+   content is the manifest's sha256, so a manifest swapped after the commit is detected, and,
+   in a signed federation, the silo's Ed25519 signature of that sha256: `identity`).
    Barrier.
+
+In a signed federation step 1 returns only if the existing marker carries this silo's own valid
+signature: an update someone else committed under its name is deleted and replaced.
 
 A crash anywhere before the marker leaves an uncommitted folder that readers ignore and that
 the next attempt deletes and rewrites.
@@ -33,6 +37,7 @@ import numpy as np
 import tensorstore as ts
 
 from fedjax_lm import compression
+from fedjax_lm import identity
 from fedjax_lm.store import arrays as arrays_lib
 from fedjax_lm.store import layout
 
@@ -73,13 +78,22 @@ def write_update(
     codec: str = "zstd",
     chunk_bytes: int = arrays_lib.DEFAULT_CHUNK_BYTES,
     write_budget_bytes: int = DEFAULT_WRITE_BUDGET,
+    signer: identity.Signer | None = None,
 ) -> dict[str, Any]:
     root = objects.root
     prefix = layout.update_dir(round, silo)
     marker = layout.marker_key(round, silo)
+    if signer is not None and signer.name != silo:
+        raise ValueError(f"update {round}/{silo}: signer {signer.name!r} cannot commit for silo {silo!r}")
     if objects.exists(marker):
-        log.info("update %s/%s is already committed; not rewriting it", round, silo)
-        return read_manifest(objects, round, silo)
+        foreign = foreign_commit(objects, round, silo, signer)
+        if foreign is None:
+            log.info("update %s/%s is already committed; not rewriting it", round, silo)
+            return read_manifest(objects, round, silo)
+        log.warning("update %s/%s in the store is not this silo's (%s): replacing it", round, silo, foreign)
+        if jax.process_index() == 0:
+            # Readers stop counting it before its folder goes (a delete is a write of nothing).
+            objects.kvstore.write(marker, None).result()
     entries = arrays_lib.payload_entries(payload)
     extra = dict(manifest)
     if "tokens" not in extra:
@@ -180,9 +194,79 @@ def write_update(
         full = {**extra, **computed, "arrays": out_arrays, "written_at": time.time()}
         data = manifest_bytes(full)
         objects.put(prefix + layout.MANIFEST, data)
-        objects.put(marker, json.dumps({"manifest_sha256": hashlib.sha256(data).hexdigest()}).encode())
+        digest = hashlib.sha256(data).hexdigest()
+        record = {"manifest_sha256": digest}
+        if signer is not None:
+            record.update(signer=signer.name, signature=signer.sign(identity.UPDATE_DOMAIN, digest.encode()))
+        objects.put(marker, json.dumps(record).encode())
     _barrier(f"fedjax_lm.store.write_update:{round}:{silo}:committed")
     return json.loads(data) if pid == 0 else read_manifest(objects, round, silo)
+
+
+MAX_MARKER_BYTES = 4096
+
+
+def read_marker(objects: layout.Objects, round: int, silo: str) -> dict[str, Any] | str | None:
+    """The COMMITTED marker record; None if absent; a string saying why it is unusable."""
+    raw = objects.get(layout.marker_key(round, silo))
+    if raw is None:
+        return None
+    if len(raw) > MAX_MARKER_BYTES:
+        return f"COMMITTED marker is {len(raw):,} bytes, more than the cap of {MAX_MARKER_BYTES:,}"
+    try:
+        record = json.loads(raw)
+    except ValueError:
+        record = None
+    if not isinstance(record, dict) or not isinstance(record.get("manifest_sha256"), str):
+        return "COMMITTED marker is not the JSON the store writes"
+    return record
+
+
+def check_signature(record: dict[str, Any], silo: str, allow: identity.AllowList) -> str | None:
+    """None if the marker carries `silo`'s valid signature of its manifest sha256, else why not."""
+    problem = allow.verify(
+        silo, identity.UPDATE_DOMAIN, record["manifest_sha256"].encode(), record.get("signature")
+    )
+    return None if problem is None else f"update signature: {problem}"
+
+
+MAX_MANIFEST_BYTES = 4 << 20  # a manifest lists one entry per array: megabytes at most for a 7B model
+
+
+def commit_problem(
+    objects: layout.Objects, round: int, silo: str, allow: identity.AllowList | None
+) -> str | None:
+    """Why the committed update under `silo`'s name is not that silo's commit for `round` (None:
+    it is, as far as `allow` can tell; without an allow-list only replays are recognised)."""
+    record = read_marker(objects, round, silo)
+    if not isinstance(record, dict):
+        return record or "not committed (no COMMITTED marker)"
+    if allow is not None:
+        problem = check_signature(record, silo, allow)
+        if problem:
+            return problem
+    data = objects.get(layout.update_dir(round, silo) + layout.MANIFEST)
+    if data is None or hashlib.sha256(data).hexdigest() != record["manifest_sha256"]:
+        return "manifest.json missing or not the one the COMMITTED marker records"
+    if len(data) > MAX_MANIFEST_BYTES:
+        return None  # the silo's own (signed) oversized manifest: counts, and validation rejects it
+    try:
+        manifest = json.loads(data)
+    except ValueError:
+        return None
+    if isinstance(manifest, dict) and (manifest.get("round") != round or manifest.get("silo") != silo):
+        return f"manifest names round {manifest.get('round')!r}, silo {manifest.get('silo')!r} (a replay)"
+    return None
+
+
+def foreign_commit(
+    objects: layout.Objects, round: int, silo: str, signer: identity.Signer | None
+) -> str | None:
+    """Why the committed update of `silo` is not one `signer` made for `round` (None: it is, or
+    unsigned mode): an update someone else wrote under its name, or a replay of its own old one."""
+    if signer is None:
+        return None
+    return commit_problem(objects, round, silo, identity.AllowList({silo: signer.public}))
 
 
 def read_manifest(objects: layout.Objects, round: int, silo: str) -> dict[str, Any]:

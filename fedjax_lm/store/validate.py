@@ -4,10 +4,17 @@
 to a byte budget) and checks, in this order, stopping at the first failure:
 
 1. the silo is one the round expects; the round is open;
-2. the update is committed; manifest.json exists, parses, matches the marker's sha256, names
-   this round and silo, and carries a finite, non-negative `tokens`;
+2. the update is committed; the marker (at most 4 KiB) and manifest.json (at most 4 MiB) exist,
+   the manifest matches the marker's sha256; in a signed federation the marker carries the
+   silo's valid Ed25519 signature of that sha256 (checked before the manifest is parsed); the
+   manifest parses, names this round and silo, was trained from the global params the round
+   published (`base_sha256`), and carries typed, bounded fields (`tokens`, `loss`, ...);
 3. the manifest lists exactly the template's arrays, each with the template's shape and dtype,
-   and regions that tile it; the stored zarr arrays have that shape and dtype;
+   and at most `MAX_REGIONS` regions that tile it; the stored zarr metadata has that shape and
+   dtype, a regular chunk grid equal to the manifest's chunks with chunks of at most
+   `MAX_CHUNK_BYTES` and not too many of them, and only the codecs the store writes
+   (`bytes` little-endian, then optionally `zstd`): no sharding, transposes or other codecs,
+   so decoding one chunk costs what its size says (no decompression bombs);
 4. every region's data — read and decoded by TensorStore; a chunk that cannot be decoded is a
    rejection, not a crash — has the manifest's sha256 (truncated or corrupted chunks);
 5. every value is finite and decodes to a finite f32 (int8: |scale| <= f32 max / 128, so
@@ -34,12 +41,14 @@ import jax.numpy as jnp
 import numpy as np
 import tensorstore as ts
 
+from fedjax_lm import identity
 from fedjax_lm.store import arrays as arrays_lib
 from fedjax_lm.store import layout
+from fedjax_lm.store import updates as updates_lib
 from fedjax_lm.store.updates import open_array
 
 _F32_MAX = float(np.finfo(np.float32).max)
-MAX_MANIFEST_BYTES = 4 << 20  # a manifest lists one entry per array: megabytes at most for a 7B model
+MAX_MANIFEST_BYTES = updates_lib.MAX_MANIFEST_BYTES
 # Optional manifest fields a silo reports: each a finite number in its range, or absent / null.
 _NUMBER_FIELDS = {
     "loss": (0.0, 1e6),
@@ -48,6 +57,10 @@ _NUMBER_FIELDS = {
     "flops": (0.0, 1e30),
 }
 _SLAB = 1 << 20  # elements per slab for the finite / norm reductions
+MAX_REGIONS = 1 << 16  # regions of one array (a multi-host write has one per distinct shard)
+MAX_CHUNK_BYTES = 64 << 20  # decoded bytes of one zarr chunk (the store writes ~8 MiB)
+MIN_MEAN_CHUNK_BYTES = 64 << 10  # an array of many chunks must not be cut finer than this on average
+_MAX_CHUNKS_ANY_SIZE = 1024
 
 
 class UpdateRejected(Exception):
@@ -73,25 +86,34 @@ def param_sizes(like_params: Any) -> dict[str, int]:
     return {arrays_lib.keypath_str(p): math.prod(x.shape) for p, x in flat}
 
 
-def load_manifest(objects: layout.Objects, round: int, silo: str) -> dict[str, Any]:
-    """The committed manifest, checked against its marker; raises UpdateRejected."""
+def load_manifest(
+    objects: layout.Objects,
+    round: int,
+    silo: str,
+    *,
+    allow: identity.AllowList | None = None,
+    base_sha256: str | None = None,
+) -> dict[str, Any]:
+    """The committed manifest, checked against its marker (and signature, and base); raises UpdateRejected."""
 
     def reject(reason: str):
         raise UpdateRejected(silo, round, reason)
 
-    marker = objects.get(layout.marker_key(round, silo))
-    if marker is None:
+    record = updates_lib.read_marker(objects, round, silo)
+    if record is None:
         reject("not committed (no COMMITTED marker)")
+    if isinstance(record, str):
+        reject(record)
+    if allow is not None:  # before the manifest is even read: an unsigned update costs 4 KiB
+        problem = updates_lib.check_signature(record, silo, allow)
+        if problem:
+            reject(problem)
     data = objects.get(layout.update_dir(round, silo) + layout.MANIFEST)
     if data is None:
         reject("manifest.json missing")
     if len(data) > MAX_MANIFEST_BYTES:
         reject(f"manifest.json is {len(data):,} bytes, more than the cap of {MAX_MANIFEST_BYTES:,}")
-    try:
-        expected = json.loads(marker).get("manifest_sha256")
-    except (ValueError, AttributeError):
-        reject("COMMITTED marker is not the JSON the store writes")
-    if hashlib.sha256(data).hexdigest() != expected:
+    if hashlib.sha256(data).hexdigest() != record["manifest_sha256"]:
         reject("manifest.json does not match the sha256 recorded in the COMMITTED marker")
     try:
         manifest = json.loads(data)
@@ -101,6 +123,11 @@ def load_manifest(objects: layout.Objects, round: int, silo: str) -> dict[str, A
         reject("manifest.json is not a JSON object")
     if manifest.get("round") != round or manifest.get("silo") != silo:
         reject(f"manifest names round {manifest.get('round')!r}, silo {manifest.get('silo')!r}")
+    if base_sha256 is not None and manifest.get("base_global_sha256") != base_sha256:
+        reject(
+            f"trained from other global params (base sha256 {str(manifest.get('base_global_sha256'))[:12]}, "
+            f"global/{round} is {base_sha256[:12]}): a stale or replayed update"
+        )
     tokens = manifest.get("tokens")
     if (
         isinstance(tokens, bool)
@@ -147,7 +174,12 @@ def check_arrays(
         if a.get("path") != layout.array_path(key):
             raise UpdateRejected(silo, round, f"array {key!r} is stored at unexpected path {a.get('path')!r}")
         regions = a.get("regions")
-        problem = arrays_lib.check_grid(regions, shape) if isinstance(regions, list) else "no region list"
+        if not isinstance(regions, list):
+            problem = "no region list"
+        elif len(regions) > MAX_REGIONS:
+            problem = f"{len(regions):,} regions, more than the cap of {MAX_REGIONS:,}"
+        else:
+            problem = arrays_lib.check_grid(regions, shape)
         if problem is None and any(not isinstance(r.get("sha256"), str) for r in regions):
             problem = "region without sha256"
         if problem is None and arrays_lib.array_digest(regions) != a.get("sha256"):
@@ -158,12 +190,48 @@ def check_arrays(
 
 
 def check_opened(store: Any, entry: dict[str, Any]) -> str | None:
+    """Why the opened zarr array does not match its manifest entry or the store's format, or None."""
     shape = list(store.domain.shape)
     dtype = store.dtype.numpy_dtype.name
     if shape != entry["shape"] or dtype != entry["dtype"]:
         return f"stored as {dtype}{shape}, manifest says {entry['dtype']}{entry['shape']}"
     if list(store.domain.origin) != [0] * len(shape):
         return f"stored with origin {list(store.domain.origin)}"
+    return check_zarr_metadata(store.spec().to_json().get("metadata", {}), entry)
+
+
+def check_zarr_metadata(meta: dict[str, Any], entry: dict[str, Any]) -> str | None:
+    """The zarr metadata a silo wrote, against the format the store writes (see `arrays.zarr_spec`)."""
+    grid = meta.get("chunk_grid") or {}
+    chunks = (grid.get("configuration") or {}).get("chunk_shape")
+    if grid.get("name") != "regular" or not isinstance(chunks, list):
+        return f"zarr chunk grid {str(grid)[:80]} is not the regular grid the store writes"
+    shape = entry["shape"]
+    if (
+        chunks != entry.get("chunks")
+        or len(chunks) != len(shape)
+        or any(not isinstance(c, int) or c < 1 for c in chunks)
+    ):
+        return f"zarr chunk shape {chunks} is not the manifest's {entry.get('chunks')}"
+    itemsize = np.dtype(entry["dtype"]).itemsize
+    chunk_bytes = math.prod(chunks) * itemsize
+    if chunk_bytes > MAX_CHUNK_BYTES:
+        return f"zarr chunks of {chunk_bytes:,} bytes exceed the cap of {MAX_CHUNK_BYTES:,}"
+    n_chunks = math.prod(-(-n // c) for n, c in zip(shape, chunks))
+    total = math.prod(shape) * itemsize
+    if n_chunks > max(_MAX_CHUNKS_ANY_SIZE, total // MIN_MEAN_CHUNK_BYTES):
+        return f"zarr array cut into {n_chunks:,} chunks of {chunk_bytes:,} bytes (too many, too small)"
+    codecs = meta.get("codecs")
+    names = (
+        [c.get("name") for c in codecs]
+        if isinstance(codecs, list) and all(isinstance(c, dict) for c in codecs)
+        else None
+    )
+    if names not in (["bytes"], ["bytes", "zstd"]):
+        return f"zarr codecs {names or str(codecs)[:80]} are not the store's (bytes, then optionally zstd)"
+    endian = (codecs[0].get("configuration") or {}).get("endian", "little")
+    if endian != "little" and itemsize > 1:
+        return f"zarr bytes codec is {endian}-endian; the store writes little-endian"
     return None
 
 
@@ -206,6 +274,8 @@ def validate_update(
     max_norm: float | None = None,
     like_params: Any = None,
     read_budget_bytes: int = arrays_lib.DEFAULT_READ_BUDGET,
+    allow: identity.AllowList | None = None,
+    base_sha256: str | None = None,
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
 
@@ -223,7 +293,7 @@ def validate_update(
             f"round is {'closed' if round < current_round else 'not open yet'} (current round {current_round})"
         )
 
-    manifest = load_manifest(objects, round, silo)
+    manifest = load_manifest(objects, round, silo, allow=allow, base_sha256=base_sha256)
     template = template_arrays(template_payload)
     entries = check_arrays(manifest, template, silo, round)
     sizes = param_sizes(like_params) if like_params is not None else None
