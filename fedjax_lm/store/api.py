@@ -13,6 +13,7 @@ from fedjax_lm.store import arrays as arrays_lib
 from fedjax_lm.store import checkpoints as checkpoints_lib
 from fedjax_lm.store import layout
 from fedjax_lm.store import lock as lock_lib
+from fedjax_lm.store import ts_checkpoints
 from fedjax_lm.store import updates as updates_lib
 from fedjax_lm.store import validate as validate_lib
 
@@ -48,9 +49,18 @@ class Store:
         self.codec = codec
         self.chunk_bytes = int(chunk_bytes)
         self.read_budget_bytes = int(read_budget_bytes)
-        self._checkpoints = checkpoints_lib.Checkpoints(
-            self.layout, keep_silo_states=keep_silo_states, keep_globals=keep_globals
-        )
+        if self.layout.scheme == "s3":  # Orbax cannot write s3:// (see layout.Root.orbax_path)
+            self._checkpoints = ts_checkpoints.TensorStoreCheckpoints(
+                self.layout,
+                self.objects,
+                self.context,
+                keep_silo_states=keep_silo_states,
+                keep_globals=keep_globals,
+            )
+        else:
+            self._checkpoints = checkpoints_lib.Checkpoints(
+                self.layout, keep_silo_states=keep_silo_states, keep_globals=keep_globals
+            )
 
     @property
     def root(self) -> str:
