@@ -379,3 +379,34 @@ def test_late_update_for_a_closed_round_is_ignored_and_logged(small_corpus, tmp_
     agg.store.write_update(0, "prose", payload, {"tokens": 1.0, "loss": 1.0})  # after round 0 closed
     assert agg._log_late_updates(1) == ["prose"]
     assert "ignored late update of silo prose for closed round 0" in capsys.readouterr().out
+
+
+def test_a_forged_commit_under_a_silos_name_is_replaced_by_the_real_silo(small_corpus, tmp_path, procs):
+    """An outsider commits first under code's name; it does not count, code's process replaces it."""
+    config, spec = make_config(small_corpus, tmp_path, rounds=1, signed=True)
+    p = procs["p"] = Procs(tmp_path, spec)
+    fed = federation_of(config)
+    store = store_lib.Store(p.store)
+    p.aggregator()
+    wait_until(lambda: store.latest_global() == 0, what="global/0")
+    params = store.read_global_params(0, fed.abstract_params)
+    forged = jax.tree.map(lambda x: np.full(x.shape, 0.5, np.float32), jax.device_get(params))
+    payload = jax.device_get(compression.compress(forged, None, config.federation.compression)[0])
+    store.write_update(
+        0,
+        "code",
+        payload,
+        {"tokens": 384.0, "base_global_sha256": store.read_global_meta(0)["params_sha256"]},
+    )
+    for s in ("code", "lines", "prose"):
+        p.silo(s)
+    p.wait("aggregator")
+    meta = store.read_global_meta(1)
+    assert meta["accepted"] == ["code", "lines", "prose"] and not meta["rejected"]
+    assert "the commit under silo code's name does not count: update signature: unsigned" in p.log(
+        "aggregator"
+    )
+    allow = identity.AllowList.load(config.federation.deploy.allow_list)
+    assert store.commit_problem(0, "code", allow) is None  # now code's own, signed
+    got, _ = final_params(config, p.store, 1)
+    assert_equals_simulation(config, tmp_path, got)  # as if the forgery had never been there

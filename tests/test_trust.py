@@ -197,7 +197,7 @@ def test_a_forged_or_unsigned_update_is_not_counted_and_is_rejected(signed0, tmp
     assert agg._counted_commits(0, list(SILOS)) == ["prose"]  # the forgeries cannot close the round
     server, row = _close(agg, server, {**meta, "deadline": 0})  # closes at once with what counts
     assert row["accepted"] == ["prose"]
-    assert "bad signature (not made with 'code''s key)" in row["rejected"]["code"]
+    assert "bad signature (not made with the key of 'code')" in row["rejected"]["code"]
     assert "update signature: unsigned" in row["rejected"]["lines"]
     _assert_params(server, theta, 0.01)
 
@@ -322,3 +322,36 @@ def test_malformed_zarr_metadata_is_rejected(round0):
     assert row["accepted"] == ["prose"]
     assert "zarr codecs ['bytes', 'gzip'] are not the store's" in row["rejected"]["code"]
     assert "zarr chunk shape [1" in row["rejected"]["lines"]
+
+
+@pytest.mark.parametrize("rule", ["mean", "median", "trimmed_mean"])
+@pytest.mark.parametrize("attack", ["signflip", "noise"])
+def test_a_sign_flipped_or_noise_update_is_contained_by_the_robust_rules(
+    small_corpus, tmp_path, rule, attack
+):
+    """One of three silos sends -1 x an honest update, or noise of 5x its norm: both pass the norm
+    checks; the median and the trimmed mean keep every coordinate between the honest ones, the
+    mean does not."""
+    config, _ = make_config(small_corpus, tmp_path, rounds=1)
+    config.federation.compression = "none"
+    config.federation.aggregation = rule
+    agg = deploy.Aggregator(config, str(tmp_path / "store"), str(tmp_path / "agg"))
+    agg._start_or_resume()
+    server, meta = deploy.read_server(agg.fed, agg.store, 0, agg.trust)
+    theta = jax.device_get(server.params)
+    _commit(agg, "code", theta, 0.01)
+    _commit(agg, "lines", theta, 0.02)
+    if attack == "signflip":
+        _commit(agg, "prose", theta, -0.02)
+    else:
+        rng = np.random.default_rng(0)
+        noise = jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(np.float32) * 0.075, theta)
+        payload = jax.device_get(compression.compress(noise, None, "none")[0])
+        base = agg.store.read_global_meta(0)["params_sha256"]
+        agg.store.write_update(0, "prose", payload, {"tokens": 384.0, "base_global_sha256": base})
+    server, row = _close(agg, server, meta)
+    agg.store.close()
+    assert row["accepted"] == list(SILOS)  # nothing to reject: the norms are within 10x the median
+    steps = [w - g for w, g in zip(jax.tree.leaves(theta), jax.tree.leaves(jax.device_get(server.params)))]
+    inside = all(bool(np.all((s >= 0.01 - 1e-7) & (s <= 0.02 + 1e-7))) for s in steps)
+    assert inside == (rule != "mean"), f"{rule}: the aggregate left the honest range: {inside}"
