@@ -36,6 +36,8 @@ CENTRAL = (
     "--config.train.eval_batches=1 --config.train.eval_every=0 --config.train.checkpoint_every=2"
 )
 
+SIGNED = "--config.federation.deploy.allow_list=keys/federation.json --config.federation.deploy.key=keys/"
+
 # command -> (mode, flags appended in tiny / deployment mode)
 HOW = {
     "python3 -m venv .venv && . .venv/bin/activate && pip install -r requirements.txt -e . && "
@@ -93,16 +95,28 @@ HOW = {
     "--config.data.corpus_dir=cache/mine": ("tiny", FED),
     "python -m fedjax_lm prepare --config experiments/photon.py:size=tiny --source clinic=folder:my-data/clinic "
     "--config.data.corpus_dir=cache/clinic": ("tiny", FED),
+    "python -m fedjax_lm keygen --name quotes-en --out keys --allow_list keys/federation.json": ("as-is", ""),
+    "python -m fedjax_lm keygen --name aggregator --out keys --allow_list keys/federation.json": (
+        "as-is",
+        "",
+    ),
+    "python -m fedjax_lm keygen --name clinic --out keys --allow_list keys/federation.json": ("as-is", ""),
+    "python -m fedjax_lm keygen --name lab --out keys --allow_list keys/federation.json": ("as-is", ""),
     "python -m fedjax_lm aggregate --config experiments/photon.py:size=tiny --store runs/store --workdir runs/agg "
-    '--config.train.silos=\'("clinic", "lab")\' --config.data.tokenizer=cache/clinic/tokenizer.model': (
+    '--config.train.silos=\'("clinic", "lab")\' --config.data.tokenizer=cache/clinic/tokenizer.model '
+    f"{SIGNED}aggregator.key": ("deployment", FED),
+    "python -m fedjax_lm silo --config experiments/photon.py:size=tiny --store runs/store "
+    f"--source clinic=folder:my-data/clinic --config.data.corpus_dir=cache/clinic {SIGNED}clinic.key": (
         "deployment",
         FED,
     ),
     "python -m fedjax_lm silo --config experiments/photon.py:size=tiny --store runs/store "
-    "--source clinic=folder:my-data/clinic --config.data.corpus_dir=cache/clinic": ("deployment", FED),
-    "python -m fedjax_lm silo --config experiments/photon.py:size=tiny --store runs/store "
-    "--source lab=jsonl:my-data/lab.jsonl:body --config.data.corpus_dir=cache/lab": ("deployment", FED),
+    f"--source lab=jsonl:my-data/lab.jsonl:body --config.data.corpus_dir=cache/lab {SIGNED}lab.key": (
+        "deployment",
+        FED,
+    ),
     "python experiments/compare.py --workdir runs/compare": ("help", ""),
+    "python experiments/attacks.py --workdir runs/attacks": ("help", ""),
 }
 
 
@@ -171,7 +185,7 @@ def _help(command: str, cwd):
 @pytest.mark.parametrize("section", ["main job and verbs", "your own text and its federation"])
 def test_readme_commands_run(sandbox, section):
     root, texts = sandbox
-    own = {c for c in COMMANDS if "my-data" in c or HOW[c][0] == "deployment"}
+    own = {c for c in COMMANDS if "my-data" in c or "keys/" in c or HOW[c][0] == "deployment"}
     picked = [c for c in COMMANDS if (c in own) == (section != "main job and verbs")]
     group = []
     for command in picked:
@@ -196,7 +210,7 @@ def test_readme_commands_run(sandbox, section):
         outs = [p.communicate(timeout=600)[0] for p in procs]
         for argv, p, out in zip(group, procs, outs):
             assert p.returncode == 0, f"{shlex.join(argv)}\n{out[-3000:]}"
-        assert "accepted ['clinic', 'lab']" in outs[0]
+        assert "accepted ['clinic', 'lab']" in outs[0] and "unsigned federation" not in "".join(outs)
     if section == "main job and verbs":
         assert sorted(os.listdir(root / "runs" / "photon-hf")) == [
             "config.json",
