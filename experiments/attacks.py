@@ -433,11 +433,22 @@ def table(results: dict) -> str:
         ("malformed zarr metadata (member, round 3)", rej(3, MALLORY)),
         (
             "a second aggregator (round 1)",
-            lambda res: "refused: " + short(res["rejections"]["second_aggregator"][0], 90),
+            lambda res: (
+                "refused, exit 1: lock "
+                + short(
+                    res["rejections"]["second_aggregator"][0]
+                    .split("aggregator.lock ", 1)[-1]
+                    .split(" (owner")[0],
+                    90,
+                )
+            ),
         ),
         (
             "forged global (outsider publishes global/2)",
-            lambda res: "silos and aggregator stop: " + short(res["forged_global"]["silo"], 80),
+            lambda res: (
+                "every silo and the aggregator stop (exit 1): "
+                + short(res["forged_global"]["silo"].split(" is ", 1)[-1].split(": someone")[0], 90)
+            ),
         ),
         ("(clean run: nobody misbehaves)", lambda res: f"pooled ppl {res['clean']['ppl']:.1f}"),
     ]

@@ -175,7 +175,7 @@ class AllowList:
             raw = base64.b64decode(signature, validate=True)
             key.verify(raw, _message(domain, message))
         except (ValueError, InvalidSignature):
-            return f"bad signature (not made with {name!r}'s key)"
+            return f"bad signature (not made with the key of {name!r})"
         return None
 
 
