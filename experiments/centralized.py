@@ -3,6 +3,14 @@
     python -m fedjax_lm train --config experiments/centralized.py:size=tiny,steps=300 --workdir runs/central
 
 Takes about 3-4 minutes for the tiny model on 2 CPU cores (after `prepare`).
+
+Sweep (fedjax_lm/sweep.py): `lr_batch`, the learning rate x batch grid at the --config's tokens, so
+that federated runs are compared with a tuned baseline:
+
+    python -m fedjax_lm sweep --config experiments/centralized.py:size=tiny,steps=256,batch_size=64 --sweep lr_batch --workdir runs/sweep-central
+
+(A federated sweep's `recipe="centralized"` points are built from the federated config itself:
+`fedjax_lm.sweep.centralized_twin`.)
 """
 
 from experiments import common
@@ -20,3 +28,13 @@ def get_config(arg: str | None = None):
     c.data.max_bytes_per_source = v["max_bytes"]
     c.optim.lr = v["lr"]
     return c
+
+
+def sweep_lr_batch(add, base):
+    """Learning rate x batch size at the base's tokens (steps x batch): steps scale as 1/batch."""
+    sequences = int(base.train.steps) * int(base.train.batch_size)
+    batch = int(base.train.batch_size)
+    for lr in (1e-3, 3e-3, 1e-2):
+        for b in (batch // 2, batch, batch * 2):
+            if b >= 1:
+                add(lr=lr, batch_size=b, steps=max(1, sequences // b))

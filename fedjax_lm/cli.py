@@ -43,6 +43,12 @@ _SOURCE = flags.DEFINE_multi_string(
     "A text source NAME=SPEC, repeatable; replaces config.data.sources. SPEC: folder:/path (every .txt/.md "
     "file a document), jsonl:/path/file.jsonl[:field], hf:dataset[:split[:field]], python-code, or a built-in",
 )
+_SWEEP = flags.DEFINE_string(
+    "sweep", None, "Sweep name: the function sweep_NAME(add, base) in the --config file"
+)
+_PRINT_ONLY = flags.DEFINE_boolean(
+    "print-only", False, "Print one `train` command per point (for a scheduler) and run nothing"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +108,11 @@ VERBS = {
         "one silo process of a cross-silo deployment: trains on its own sources with the store's tokenizer",
         ("config", "store", "silo", "source"),
         "python -m fedjax_lm silo --config experiments/photon.py:size=tiny --store runs/store --source clinic=folder:/data/clinic",
+    ),
+    "sweep": Verb(
+        "run every point of a sweep defined next to its config (resumable), then one table and plots",
+        ("config", "sweep", "workdir", "print-only"),
+        "python -m fedjax_lm sweep --config experiments/photon.py:size=tiny --sweep rounds_vs_H --workdir runs/sweep",
     ),
 }
 
@@ -273,6 +284,22 @@ def _cmd_silo(config) -> None:
             "`silo` needs --silo NAME (or one --source NAME=SPEC) (python -m fedjax_lm silo --help)"
         )
     deploy.SiloWorker(config, _store_root(config), name).run()
+
+
+def _cmd_sweep(config) -> None:
+    from fedjax_lm import sweep
+
+    name = _require(_SWEEP, "sweep", "sweep")
+    workdir = _require(_WORKDIR, "workdir", "sweep")
+    flag = flags.FLAGS["config"]
+    sweep.main(
+        config_flags.get_config_filename(flag),
+        name,
+        workdir,
+        config,
+        cli_overrides=config_flags.get_override_values(flag),
+        print_only=_PRINT_ONLY.value,
+    )
 
 
 class _QuietLibraries:

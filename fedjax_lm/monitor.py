@@ -5,6 +5,8 @@
 - `PhaseTimer`: wall time per named phase (local train, upload, aggregate, eval).
 - `dp_allreduce_bytes` / `CommLedger`: the bytes a federation really moves versus what
   data-parallel training of the same tokens would all-reduce.
+- `StepProgress` / `format_duration`: progress lines with tokens/s and an ETA (a silo's local
+  steps, a sweep's points).
 """
 
 from __future__ import annotations
@@ -169,10 +171,14 @@ class CommLedger:
 
 
 class StepProgress:
-    """Progress of the steps inside a round: step, loss, tokens/s and the round's ETA (stderr).
+    """Progress of counted work: step (or round), loss, tokens/s and an ETA (stderr).
 
     A live bar on a terminal; in a log file a plain line at most every `log_every_s` (so short
     rounds print nothing and a round of hours says where it is). Only process 0 shows it.
+    `unit` and `eta_label` name what is counted ("step" / "round ETA" inside a silo's round;
+    "round" / "point ETA" for a sweep's point); `initial` is the count already done when it
+    starts (a resumed run), so the rate only counts the work done here; `bar=False` always
+    prints plain lines (a sweep's progress next to the silos' own bars).
     """
 
     def __init__(
@@ -183,6 +189,10 @@ class StepProgress:
         tokens_per_step: int,
         enabled: bool | None = None,
         log_every_s: float = 30.0,
+        unit: str = "step",
+        eta_label: str = "round ETA",
+        initial: int = 0,
+        bar: bool | None = None,
     ):
         import sys
 
@@ -192,28 +202,52 @@ class StepProgress:
             enabled = jax.process_index() == 0
         self.desc, self.total, self.tokens_per_step = desc, total, tokens_per_step
         self.enabled, self.log_every_s = enabled, log_every_s
-        self.done, self.t0 = 0, time.perf_counter()
+        self.unit, self.eta_label, self.initial = unit, eta_label, initial
+        self.done, self.t0 = initial, time.perf_counter()
         self.last_line = self.t0
         self.bar = None
-        if enabled and sys.stderr.isatty():
+        if enabled and (sys.stderr.isatty() if bar is None else bar):
             import tqdm
 
             self.bar = tqdm.tqdm(
-                total=total, desc=desc, unit="step", file=sys.stderr, leave=False, dynamic_ncols=True
+                total=total,
+                initial=initial,
+                desc=desc,
+                unit=unit,
+                file=sys.stderr,
+                leave=False,
+                dynamic_ncols=True,
             )
 
-    def update(self, done: int, *, loss: float) -> None:
+    def rate(self, done: int | None = None) -> float:
+        """Tokens per second over the work done since this progress started."""
+        done = self.done if done is None else done
+        return (done - self.initial) * self.tokens_per_step / max(time.perf_counter() - self.t0, 1e-9)
+
+    def eta(self, done: int | None = None) -> float | None:
+        """Seconds until `total`, at the rate so far (None before any work was done)."""
+        done = self.done if done is None else done
+        if done <= self.initial:
+            return None
+        return (self.total - done) * (time.perf_counter() - self.t0) / (done - self.initial)
+
+    def update(self, done: int, *, loss: float | None = None, note: str = "") -> None:
         import sys
 
         now = time.perf_counter()
-        rate = done * self.tokens_per_step / max(now - self.t0, 1e-9)
+        rate = self.rate(done)
         if self.bar is not None:
             self.bar.update(done - self.done)
-            self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}", refresh=False)
+            post = {} if loss is None else {"loss": f"{loss:.3f}"}
+            self.bar.set_postfix(**post, tok_s=f"{rate:,.0f}", refresh=False)
         elif self.enabled and done < self.total and now - self.last_line >= self.log_every_s:
-            eta = (self.total - done) * (now - self.t0) / max(done, 1)
+            eta = self.eta(done)
             print(
-                f"{self.desc}: step {done}/{self.total} loss {loss:.3f}, {rate:,.0f} tokens/s, round ETA {eta:.0f}s",
+                f"{self.desc}: {self.unit} {done}/{self.total}"
+                + ("" if loss is None else f" loss {loss:.3f}")
+                + f", {rate:,.0f} tokens/s, {self.eta_label} "
+                + ("n/a" if eta is None else format_duration(eta))
+                + (f", {note}" if note else ""),
                 file=sys.stderr,
                 flush=True,
             )
@@ -243,3 +277,13 @@ def human_bytes(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return f"{n:.1f} TiB"
+
+
+def format_duration(seconds: float) -> str:
+    """42s, 3m05s, 2h07m: a duration as a person reads it in a progress line."""
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"

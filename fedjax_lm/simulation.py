@@ -9,6 +9,10 @@ aggregate the accepted ones by `federation.aggregation` and apply the outer step
 `federation`; the multi-process deployment (`deploy`) runs the same pieces over a store and
 ends bit-identical, for every aggregation rule.
 
+Each round's row (metrics/rounds.jsonl) also says how the silos' pseudo-gradients relate:
+`update_norm/<silo>`, the pairwise cosines, the norm of the mean vs the mean of the norms
+(`Federation.update_diagnostics`, from the K x K Gram matrix of the decoded uploads).
+
 Memory: the round's K compressed payloads are held until the round is aggregated (they are
 checked first). The token-weighted mean then folds them into one f32 model; the median and the
 trimmed mean (`robust`) reduce all K of them leaf by leaf, so they stay held until the last leaf.
@@ -151,13 +155,17 @@ class Simulation:
             else:
                 server, diag = outer.OuterState(server.params, server.opt_state, server.round + 1), {}
             jax.block_until_ready(server)
+        with timer.phase("diagnostics"):  # read-only on the payloads: the aggregate is already made
+            geometry = f.update_diagnostics({n: (outs[n].payload, accepted[n]["tokens"]) for n in accepted})
         for n in sampled:  # a silo's private state advances whether or not its update was accepted
             privates[n].arrays = f.next_private(privates[n].arrays, outs[n])
         if f.fed.aggregate_inner_moments and accepted:
             shared = f.shared_moments((outs[n].opt_state, accepted[n]["tokens"]) for n in accepted)
             for p in privates.values():
                 p.arrays["opt_state"] = shared
-        return server, f.round_row(r, accepted, ledger, diag, rejected=rejected)
+        return server, f.round_row(
+            r, accepted, ledger, diag, rejected=rejected, update_norms=norms, **geometry
+        )
 
 
 def _checkpoint_items(server, privates) -> dict[str, Any]:
