@@ -409,24 +409,25 @@ def table(results: dict) -> str:
 
         return f
 
-    def contained(name: str):
-        return lambda res: (
-            f"contained: pooled ppl {res[name]['ppl']:.1f} (clean {res['clean']['ppl']:.1f})"
-            + (
-                f"; mallory rejected in {sum(MALLORY in v for v in res[name]['rejected'].values())}/{ROUNDS} rounds"
-                if any(MALLORY in v for v in res[name]["rejected"].values())
-                else ""
-            )
-        )
+    def accepted(name: str, what: str):
+        """An attack the checks let through: what it cost, against the same rule's clean run."""
+
+        def f(res):
+            ppl, clean = res[name]["ppl"], res["clean"]["ppl"]
+            hit = sum(MALLORY in v for v in res[name]["rejected"].values())
+            rejected = f"; mallory rejected in {hit}/{ROUNDS} rounds" if hit else ""
+            return f"{what}: pooled ppl {ppl:.1f} vs clean {clean:.1f} ({100 * (ppl / clean - 1):+.0f}%){rejected}"
+
+        return f
 
     spec = [
         ("forged silo name (outsider, round 1)", not_counted(FORGED, 1)),
         ("replay of an old update (outsider, round 2)", not_counted(REPLAYED, 2)),
         ("update from a stale global (member, round 2)", rej(2, MALLORY)),
-        ("huge token claim, 1e30 (member, every round)", contained("tokens")),
+        ("huge token claim, 1e30 (member, every round)", accepted("tokens", "weight capped")),
         ("x100 update (member, round 4)", rej(4, MALLORY)),
-        ("sign-flipped update (member, every round)", contained("signflip")),
-        ("random noise, 5x its norm (member, every round)", contained("noise")),
+        ("sign-flipped update (member, every round)", accepted("signflip", "accepted")),
+        ("random noise, 5x its norm (member, every round)", accepted("noise", "accepted")),
         ("NaN in the update (member, round 0)", rej(0, MALLORY)),
         ("oversized manifest, 5 MiB (member, round 1)", rej(1, MALLORY)),
         ("chunks swapped after validation (outsider, round 3)", rej(3, SWAPPED)),

@@ -116,6 +116,8 @@ HOW = {
         FED,
     ),
     "python experiments/compare.py --workdir runs/compare": ("help", ""),
+    "python -m fedjax_lm sweep --config experiments/photon.py:size=tiny --sweep rounds_vs_H "
+    "--workdir runs/sweep-H --print-only": ("as-is", ""),
     "python experiments/attacks.py --workdir runs/attacks": ("help", ""),
 }
 
