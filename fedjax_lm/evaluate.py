@@ -23,6 +23,11 @@ def eval_sets(
     }
 
 
+def _ppl(loss: float) -> float:
+    """exp(loss), inf rather than an OverflowError for a diverged model."""
+    return math.exp(loss) if loss < 700 else math.inf
+
+
 def evaluate(
     silo_runtime: Any, params: Any, sets: Mapping[str, list[Mapping[str, np.ndarray]]]
 ) -> dict[str, Any]:
@@ -35,7 +40,7 @@ def evaluate(
         total += r["loss"] * r["tokens"]
         count += r["tokens"]
     pooled_loss = total / count
-    return {"per_silo": per, "pooled": {"loss": pooled_loss, "ppl": math.exp(pooled_loss), "tokens": count}}
+    return {"per_silo": per, "pooled": {"loss": pooled_loss, "ppl": _ppl(pooled_loss), "tokens": count}}
 
 
 def scalars(result: Mapping[str, Any]) -> dict[str, float]:

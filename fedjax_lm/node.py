@@ -15,7 +15,7 @@ each leaf is then decoded, sorted across the K children and reduced in one fused
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from fedjax_lm import compression
@@ -44,6 +44,7 @@ def node_round(
     block_size: int = compression.DEFAULT_BLOCK_SIZE,
     aggregation: str = "mean",
     trim_fraction: float = robust.DEFAULT_TRIM_FRACTION,
+    finish: Callable[[Any], Any] | None = None,
 ) -> NodeResult:
     """One node's round: aggregate its children's (payload, weight), step, report upward.
 
@@ -54,9 +55,13 @@ def node_round(
     `anchor − θ_node` (compressed like a silo's, with the node's error feedback) and its
     weight the total weight of its children. The root has no anchor and returns None.
     `aggregation` ("mean", "median", "trimmed_mean") and `trim_fraction` are the node's rule
-    (`robust`); the outer step is applied to its result whatever the rule.
+    (`robust`); the outer step is applied to its result whatever the rule. `finish`, if given,
+    turns the aggregate into what the outer step sees (`Federation.finish_aggregate`: the
+    rescaling of server-side clipping, and central DP noise).
     """
     mean, total, n = robust.aggregate_payloads(state.params, children, aggregation, trim_fraction)
+    if finish is not None:
+        mean = finish(mean)
     state, diag = algo.step(state, mean, tokens=total, silos=n)
     to_parent = new_error = None
     if anchor is not None:

@@ -35,6 +35,34 @@ class ConfigMismatch(ValueError):
     """A workdir or a store was started with another config."""
 
 
+NOISE_SECRET = "dp_noise_secret"
+
+
+def noise_secret(workdir: str) -> bytes:
+    """The DP noise secret of the node that adds the noise (central DP: the aggregator), kept in its
+    own workdir (mode 0600; never in the store or the config): created once, reused on resume so a
+    resumed run draws the same noise."""
+    from fedjax_lm import privacy
+
+    path = os.path.join(workdir, NOISE_SECRET)
+    if not os.path.exists(path):  # written whole under a temporary name, then linked: never half there
+        os.makedirs(workdir, exist_ok=True)
+        tmp = f"{path}.tmp.{os.getpid()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(privacy.new_noise_secret())
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass  # another process made it first: use theirs
+        finally:
+            os.unlink(tmp)
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def write_json_atomic(path: str, obj: Any) -> None:
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "w") as f:

@@ -58,6 +58,7 @@ class Simulation:
         self.fed = fed_lib.Federation(config, select.active_silos(config, corpus), mesh=mesh)
         self.config, self.corpus, self.progress = config, corpus, progress
         self._jit_par = None
+        self.noise_secret: bytes | None = None  # central DP: the aggregator's (runs.noise_secret)
 
     def init(self, seed: int) -> tuple[outer.OuterState, dict[str, SiloPrivate]]:
         server = self.fed.init_server(seed)
@@ -147,10 +148,15 @@ class Simulation:
         for n, reason in rejected.items():
             accepted.pop(n, None)
             print(f"[fedjax_lm] round {r}: REJECTED silo {n}: {reason}", flush=True)
+        weights, factor, clipped = f.server_weights(
+            {n: a["tokens"] for n, a in accepted.items()}, {n: norms[n] for n in accepted}
+        )
         with timer.phase("aggregate"):
             if accepted:
                 server, diag = f.aggregate(
-                    server, ((outs[n].payload, accepted[n]["tokens"]) for n in accepted)
+                    server,
+                    ((outs[n].payload, weights[n]) for n in accepted),
+                    finish=lambda mean: f.finish_aggregate(mean, factor, r, self.noise_secret),
                 )
             else:
                 server, diag = outer.OuterState(server.params, server.opt_state, server.round + 1), {}
@@ -164,7 +170,14 @@ class Simulation:
             for p in privates.values():
                 p.arrays["opt_state"] = shared
         return server, f.round_row(
-            r, accepted, ledger, diag, rejected=rejected, update_norms=norms, **geometry
+            r,
+            accepted,
+            ledger,
+            diag,
+            rejected=rejected,
+            update_norms=norms,
+            **geometry,
+            **f.privacy_fields(r + 1, clipped),
         )
 
 
@@ -215,7 +228,15 @@ def train(
         max_batches=int(config.train.eval_batches),
     )
     timer = monitor.PhaseTimer()
-    end = f.rounds if stop_after_round is None else min(f.rounds, stop_after_round)
+    last = f.privacy_rounds()  # federation.rounds, or fewer under a DP budget
+    if last < f.rounds:
+        print(
+            f"[fedjax_lm] the privacy budget ε={float(config.federation.dp.epsilon_budget):g} allows "
+            f"{last} of {f.rounds} rounds: the run ends after round {last}",
+            flush=True,
+        )
+    sim.noise_secret = runs.noise_secret(workdir) if f.dp_on else None
+    end = last if stop_after_round is None else min(last, stop_after_round)
     eval_every, ckpt_every = int(config.federation.eval_every), int(config.federation.checkpoint_every)
     for r in range(start, end):
         t0 = time.perf_counter()
@@ -247,11 +268,11 @@ def train(
             }
             ckpt.save(r + 1, _checkpoint_items(server, privates), meta)
     ckpt.close()
-    if end < f.rounds:
+    if end < last:
         writer.close()
         return {"stopped_at_round": end, "server": server}
     result = eval_lib.evaluate(f.silo, server.params, sets)
-    writer.write("eval", f.rounds, eval_lib.scalars(result))
+    writer.write("eval", last, eval_lib.scalars(result))
     writer.close()
     comm = ledger.totals()
     summary = {
@@ -270,6 +291,8 @@ def train(
         "val": result,
         "communication": comm,
     }
+    if f.dp_on:
+        summary["privacy"] = f.privacy_summary(last)
     runs.write_json_atomic(os.path.join(workdir, "summary.json"), summary)
     print(eval_lib.format_table(result))
     print(

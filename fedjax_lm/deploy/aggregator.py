@@ -227,7 +227,7 @@ class Aggregator:
             manifests.pop(silo)
             rejected[silo] = str(store_lib.UpdateRejected(silo, r, reason))
             log("aggregator", f"REJECTED {rejected[silo]}")
-        server, diag = self._aggregate(r, server, manifests, rejected)
+        server, diag, clipped = self._aggregate(r, server, manifests, rejected)
         self.deadlines.observe(
             [m["finished_at"] - meta["published_at"] for m in manifests.values() if "finished_at" in m]
         )
@@ -242,6 +242,7 @@ class Aggregator:
             rejected=rejected,
             ignored_late=late,
             silo_seconds={s: m.get("finished_at", 0) - meta["published_at"] for s, m in manifests.items()},
+            **self.fed.privacy_fields(r + 1, clipped),
         )
         return server, row
 
@@ -251,7 +252,10 @@ class Aggregator:
         `fedjax_lm.robust`). Data is re-hashed while it is read: an update changed since validation,
         or one that cannot be read, is dropped and the aggregate recomputed without it."""
         while manifests:
-            weights = {s: self.fed.weight(m["tokens"]) for s, m in manifests.items()}
+            weights, factor, clipped = self.fed.server_weights(
+                {s: m["tokens"] for s, m in manifests.items()},
+                {s: m["validation"]["norm"] for s, m in manifests.items()},
+            )
             try:
                 mean = store_lib.aggregate.stream_aggregate(
                     self.store,
@@ -271,12 +275,18 @@ class Aggregator:
             except ValueError as e:  # every weight 0: nothing to aggregate
                 log("aggregator", f"round {r}: {e}")
                 break
-            server, diag = self.fed.step(server, jax.device_put(mean, self.fed.silo.param_shardings))
+            mean = jax.device_put(mean, self.fed.silo.param_shardings)
+            mean = self.fed.finish_aggregate(mean, factor, r, self._noise_secret())
+            server, diag = self.fed.step(server, mean)
             if "skipped" in diag:
                 log("aggregator", f"round {r}: {diag['skipped']}")
-            return server, diag
+            return server, diag, clipped
         log("aggregator", f"round {r}: no acceptable update; global params unchanged")
-        return outer.OuterState(server.params, server.opt_state, server.round + 1), {}
+        return outer.OuterState(server.params, server.opt_state, server.round + 1), {}, 0
+
+    def _noise_secret(self) -> bytes | None:
+        """Central DP: the aggregator's own noise secret, in its workdir (never in the store)."""
+        return runs.noise_secret(self.workdir) if self.fed.dp_on else None
 
     def _start_or_resume(self) -> int:
         run = {
@@ -317,7 +327,10 @@ class Aggregator:
             r = self._start_or_resume()
             writer = monitor.MetricWriter(self.workdir)
             writer.truncate("rounds", keep_below=r)  # a crash between the row and the publish
-            while r < self.fed.rounds:
+            last = self.fed.privacy_rounds()  # federation.rounds, or fewer under a DP budget
+            if last < self.fed.rounds:
+                log("aggregator", f"the privacy budget allows {last} of {self.fed.rounds} rounds")
+            while r < last:
                 server, meta = read_server(self.fed, self.store, r, self.trust)
                 t_round = time.perf_counter()
                 server, row = self.close_round(r, server, meta)
@@ -344,10 +357,12 @@ class Aggregator:
                     log("aggregator", f"pausing before publishing global/{r + 1} for {pause}s")
                     time.sleep(pause)
                 extra = {"closed": r, "accepted": row["accepted"], "rejected": row["rejected"]}
+                if r + 1 == last < self.fed.rounds:
+                    extra["final"] = "privacy budget"  # silos stop at a final global
                 self._publish(r + 1, server, {**extra, "comm": self.ledger.rounds[-1]}, lock=lock)
                 r += 1
             summary = self._summary(
-                read_server(self.fed, self.store, self.fed.rounds, self.trust)[0], time.time() - t0
+                read_server(self.fed, self.store, last, self.trust)[0], time.time() - t0, last
             )
             writer.close()
         return summary
@@ -385,7 +400,7 @@ class Aggregator:
                 )
         return self._sets
 
-    def _summary(self, server: outer.OuterState, wall: float) -> dict[str, Any]:
+    def _summary(self, server: outer.OuterState, wall: float, last: int) -> dict[str, Any]:
         summary = {
             "config": self.config.name,
             "kind": "federated-deployment",
@@ -395,6 +410,8 @@ class Aggregator:
             "params": model_lib.param_count(self.fed.silo.model_config),
             "communication": self.ledger.totals(),
         }
+        if self.fed.dp_on:
+            summary["privacy"] = self.fed.privacy_summary(last)
         if self._eval_sets() is not None:
             summary["val"] = eval_lib.evaluate(self.fed.silo, server.params, self._eval_sets())
             print(eval_lib.format_table(summary["val"]))

@@ -146,6 +146,9 @@ class SiloWorker:
                 log(self.name, f"federation finished at round {r}")
                 return uploads
             meta = global_meta(self.store, r, self.trust)  # the sample is the aggregator's, signed
+            if meta.get("final"):
+                log(self.name, f"federation finished at round {r} ({meta['final']})")
+                return uploads
             private, last = self.catch_up(r)
             if self.name not in meta["sampled"] or last >= r:
                 self.store.wait_for_global(r + 1, timeout_s=10 * 24 * 3600, poll_s=self.poll)
