@@ -242,6 +242,7 @@ class Aggregator:
             rejected=rejected,
             ignored_late=late,
             silo_seconds={s: m.get("finished_at", 0) - meta["published_at"] for s, m in manifests.items()},
+            update_norms={s: m["validation"]["norm"] for s, m in manifests.items()},  # as validated
             **self.fed.privacy_fields(r + 1, clipped),
         )
         return server, row
