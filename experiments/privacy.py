@@ -27,6 +27,23 @@ def _median(values: list[float]) -> float:
     return float(values[len(values) // 2]) if values else math.nan
 
 
+def table(rows: list[dict]) -> str:
+    head = (
+        "| target ε | ε spent (δ) | σ | C | q | noise std per coordinate | clipped updates | median ‖Δ‖ "
+        "| pooled ppl | wall s |"
+    )
+    lines = [head, "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ppl = r["ppl"]
+        ppl_text = f"{ppl:.1f}" if ppl < 1e6 else (f"{ppl:.2g}" if math.isfinite(ppl) else "inf (diverged)")
+        lines.append(
+            f"| {r['target_epsilon']} | {r['epsilon']:.3g} ({r['delta'] or '-'}) | {r['noise_multiplier']:.4g} | "
+            f"{r['clip_norm'] or '-'} | {r['q']:g} | {r['noise_std']:.3g} | {r['clipped']}/{r['updates']} | "
+            f"{r['median_update_norm']:.3g} | {ppl_text} | {r['wall_s']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="runs/privacy")
@@ -72,15 +89,7 @@ def main() -> None:
                 "wall_s": time.time() - t,
             }
         )
-    head = "| target ε | ε spent (δ) | σ | C | q | noise std per coordinate | clipped updates | median ‖Δ‖ | pooled ppl | wall s |"
-    lines = [head, "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(
-            f"| {r['target_epsilon']} | {r['epsilon']:.3g} ({r['delta'] or '-'}) | {r['noise_multiplier']:.4g} | "
-            f"{r['clip_norm'] or '-'} | {r['q']:g} | {r['noise_std']:.3g} | {r['clipped']}/{r['updates']} | "
-            f"{r['median_update_norm']:.3g} | {r['ppl']:.1f} | {r['wall_s']:.0f} |"
-        )
-    md = "\n".join(lines)
+    md = table(rows)
     os.makedirs(args.workdir, exist_ok=True)
     with open(os.path.join(args.workdir, "privacy.md"), "w") as f:
         f.write(

@@ -119,6 +119,7 @@ HOW = {
     "python -m fedjax_lm sweep --config experiments/photon.py:size=tiny --sweep rounds_vs_H "
     "--workdir runs/sweep-H --print-only": ("as-is", ""),
     "python experiments/attacks.py --workdir runs/attacks": ("help", ""),
+    "python experiments/privacy.py --workdir runs/privacy": ("help", ""),
 }
 
 
