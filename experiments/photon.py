@@ -50,6 +50,16 @@ def sweep_rounds_vs_H(add, base):
     add(recipe="centralized")
 
 
+def sweep_outer_lr_small_H(add, base):
+    """The hypothesis of docs/results.md question 1: at H=4 the mean of the silos' AdamW steps is
+    ~0.37x a data-parallel step, so an outer lr near 1/0.37 (FedAvg) or Nesterov momentum (DiLoCo)
+    should recover much of the gap. (FedAvg lr 1 at H=4 is the rounds_vs_H sweep's H=4 point.)"""
+    steps = _local_steps(base)
+    for lr in (2.0, 2.7):
+        add(H=4, rounds=steps // 4, outer="fedavg", outer_lr=lr)
+    add(H=4, rounds=steps // 4, outer="diloco")
+
+
 def sweep_outer(add, base):
     """Outer optimizer at its literature defaults (FedAvg lr 1, FedMom lr 1 momentum 0.9, DiLoCo's
     Nesterov lr 0.7 momentum 0.9, FedAdam lr 1e-2), DiLoCo's outer lr around 0.7, and with FedAvg the
