@@ -62,10 +62,7 @@ class Checkpoints:
 
     def publish_global(self, round: int, params: PyTree, opt_state: PyTree, meta: Mapping[str, Any]) -> bool:
         """Writes global/<round> atomically; False (and nothing written) if it already exists."""
-        layout.check_round(round)
-        meta = dict(meta)
-        if meta.setdefault("round", round) != round:
-            raise ValueError(f"global meta says round {meta['round']}, publishing round {round}")
+        meta = layout.global_meta(round, meta)
         if round in self.global_rounds():
             log.info("global/%d already published; not rewriting it", round)
             return False

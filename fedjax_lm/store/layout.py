@@ -70,6 +70,16 @@ def check_round(round: int) -> int:
     return round
 
 
+def global_meta(round: int, meta: Any) -> dict[str, Any]:
+    """The meta a global/<round> checkpoint is written with: a copy naming its round (refused if it
+    names another)."""
+    check_round(round)
+    meta = dict(meta)
+    if meta.setdefault("round", round) != round:
+        raise ValueError(f"global meta says round {meta['round']}, publishing round {round}")
+    return meta
+
+
 def update_dir(round: int, silo: str) -> str:
     return f"{UPDATES}/{check_round(round)}/{check_silo_name(silo)}/"
 

@@ -157,10 +157,7 @@ class TensorStoreCheckpoints:
         return rounds[-1] if rounds else None
 
     def publish_global(self, round: int, params: PyTree, opt_state: PyTree, meta: Mapping[str, Any]) -> bool:
-        layout.check_round(round)
-        meta = dict(meta)
-        if meta.setdefault("round", round) != round:
-            raise ValueError(f"global meta says round {meta['round']}, publishing round {round}")
+        meta = layout.global_meta(round, meta)
         done = self._save(f"{layout.GLOBAL}/", round, {"params": params, "opt_state": opt_state}, meta)
         if done:
             self._prune(f"{layout.GLOBAL}/", self.keep_globals)
