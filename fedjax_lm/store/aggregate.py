@@ -312,6 +312,57 @@ def stream_aggregate(
     )
 
 
+def stream_ring_sum(
+    store: Any,
+    round: int,
+    silos: list[str],
+    like_params: PyTree,
+    dtype: Any,
+    *,
+    manifests: Mapping[str, dict[str, Any]] | None = None,
+    verify_sha256: bool = True,
+    read_budget_bytes: int | None = None,
+) -> PyTree:
+    """Σ of the silos' masked ring payloads mod 2^b (NumPy arrays of `dtype`, shaped like
+    `like_params`), streamed leaf by leaf (secure aggregation, `fedjax_lm.secure`).
+
+    The same reads, shape checks, sha256 re-hashing and `UpdateRejected(silo, ...)` as the mean;
+    each array must have the ring's dtype. Memory: one sum of the model plus the reads in flight.
+    """
+    dtype = np.dtype(dtype)
+    if not silos:
+        raise ValueError(f"ring sum of round {round} is empty: no silo to sum")
+    leaves, treedef, opened = _open_leaves(store, round, list(silos), like_params, manifests)
+    plan = [
+        (param, shape, s, fields, arrays) for param, shape, _ in leaves for s, fields, arrays in opened[param]
+    ]
+    for _, _, s, fields, _ in plan:
+        if set(fields) != {"x"} or fields["x"]["dtype"] != dtype.name:
+            raise validate_lib.UpdateRejected(s, round, f"not a {dtype.name} ring payload ({sorted(fields)})")
+
+    def start(opened):
+        return opened["x"].result().read()
+
+    items = [(_nbytes(fields), functools.partial(start, arrays)) for _, _, _, fields, arrays in plan]
+    reader = arrays_lib.BoundedReader(
+        store.read_budget_bytes if read_budget_bytes is None else read_budget_bytes
+    )
+    sums: dict[str, np.ndarray] = {}
+    for (param, shape, silo, fields, _), (_, data) in zip(plan, reader.run(items)):
+        if isinstance(data, Exception):
+            raise validate_lib.UpdateRejected(
+                silo, round, f"param {param!r} cannot be read or decoded: {validate_lib.short_error(data)}"
+            )
+        if verify_sha256:
+            _verify({"x": data}, fields, silo, round)
+        if param in sums:
+            np.add(sums[param], data, out=sums[param], dtype=dtype)  # wraps mod 2^b
+        else:
+            sums[param] = np.array(data, dtype=dtype, copy=True)
+        del data
+    return jax.tree_util.tree_unflatten(treedef, [sums[param] for param, _, _ in leaves])
+
+
 def _verify(arrays: dict[str, np.ndarray], fields: dict[str, dict[str, Any]], silo: str, round: int) -> None:
     for f, x in arrays.items():
         for r in fields[f]["regions"]:

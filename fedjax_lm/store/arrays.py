@@ -70,14 +70,19 @@ def payload_entries(payload: Any) -> list[tuple[str, Any]]:
 
 
 def payload_method(entries: Sequence[tuple[str, Any]]) -> str:
-    """'none' | 'bf16' | 'int8' (as in `compression`), 'mixed' if leaves differ."""
+    """'none' | 'bf16' | 'int8' (as in `compression`), 'ring32' | 'ring64' (secure aggregation),
+    'mixed' if leaves differ."""
     methods = set()
     for key, arr in entries:
         field = key.rsplit("/", 1)[-1]
         if field == "q":
             methods.add("int8")
         elif field == "x":
-            methods.add("bf16" if np.dtype(arr.dtype).name == "bfloat16" else "none")
+            name = np.dtype(arr.dtype).name
+            if name in ("uint32", "uint64"):  # secure aggregation's masked ring words
+                methods.add(f"ring{np.dtype(arr.dtype).itemsize * 8}")
+            else:
+                methods.add("bf16" if name == "bfloat16" else "none")
     return methods.pop() if len(methods) == 1 else "mixed"
 
 

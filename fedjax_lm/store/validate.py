@@ -55,6 +55,8 @@ _NUMBER_FIELDS = {
     "finished_at": (0.0, 1e12),
     "train_seconds": (0.0, 1e9),
     "flops": (0.0, 1e30),
+    "secagg_saturated": (0, 1e15),  # entries the silo's ring encoding saturated (self-reported)
+    "clipped": (0, 1),  # secure aggregation with DP: the silo clipped its own update (self-reported)
 }
 _SLAB = 1 << 20  # elements per slab for the finite / norm reductions
 MAX_REGIONS = 1 << 16  # regions of one array (a multi-host write has one per distinct shard)
@@ -346,6 +348,8 @@ def validate_update(
                 if st.scale is None:
                     st.scale = np.empty(entries[key]["shape"], np.float32)
                 st.scale[arrays_lib.region_slices(region["origin"], region["shape"])] = data
+            elif np.issubdtype(np.asarray(data).dtype, np.integer):
+                pass  # masked ring words (secure aggregation): uniform by design, no norm to check
             else:
                 sumsq, bad = _float_stats(np.asarray(data))
                 if bad:
