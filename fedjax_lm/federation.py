@@ -40,6 +40,7 @@ from fedjax_lm import monitor
 from fedjax_lm import outer
 from fedjax_lm import privacy
 from fedjax_lm import robust
+from fedjax_lm import secure
 from fedjax_lm import sharding as sharding_lib
 from fedjax_lm import silo as silo_lib
 from fedjax_lm.client import ClientOutput, client_final, client_init, client_round
@@ -67,12 +68,13 @@ def default_federation_config() -> ml_collections.ConfigDict:
             # Clip every accepted update to this x the round's median norm before aggregating
             # (the server-side norm clipping of robust aggregation; 0: off).
             clip_norm_ratio=0.0,
-            # Client-level differential privacy, central mode: the aggregator clips every decoded
+            # Client-level differential privacy. Central mode: the aggregator clips every decoded
             # update to dp.clip_norm, sums them with weight 1 each, adds N(0, (noise_multiplier x
             # clip_norm)^2) per coordinate and divides by the expected number of silos per round.
+            # Distributed mode (needs secagg): each silo clips and adds its share of that noise.
             dp=ml_collections.ConfigDict(
                 dict(
-                    mode="off",  # "off" | "central" ("distributed" needs secure aggregation: not yet)
+                    mode="off",  # "off" | "central" | "distributed"
                     clip_norm=0.0,  # C
                     noise_multiplier=0.0,  # sigma; 0 with target_epsilon > 0: the sigma for the run's rounds
                     target_epsilon=0.0,
@@ -81,6 +83,8 @@ def default_federation_config() -> ml_collections.ConfigDict:
                     accountant="rdp",  # "rdp" | "pld" (pld needs every silo in every round)
                 )
             ),
+            # Secure aggregation (fedjax_lm/secure.py): the aggregator sees only the round's sum.
+            secagg=ml_collections.ConfigDict(secure.default_config()),
             trim_fraction=robust.DEFAULT_TRIM_FRACTION,  # trimmed_mean: dropped at EACH end, in [0, 0.5)
             outer=outer.default_outer_config("fedavg"),
             parallel=False,  # simulation: train the K silos of a round in one vmapped program
@@ -139,6 +143,7 @@ def check_config(fed: Mapping[str, Any]) -> None:
     if not float(fed["clip_norm_ratio"]) >= 0:
         raise ValueError(f"federation.clip_norm_ratio must be >= 0, got {fed['clip_norm_ratio']}")
     check_dp(fed)
+    secure.check_config(fed)
     if fed["aggregate_inner_moments"] and fed["inner_state"] != "keep":
         raise ValueError("federation.aggregate_inner_moments needs federation.inner_state='keep'")
     try:
@@ -171,15 +176,12 @@ def check_dp(fed: Mapping[str, Any]) -> None:
         raise ValueError(f"federation.dp has unknown fields {sorted(unknown)}")
     if dp["mode"] == "off":
         return
-    if dp["mode"] == "distributed":
-        raise ValueError(
-            "federation.dp.mode='distributed' needs secure aggregation, which is not wired into the round "
-            "yet; use 'central' (the aggregator adds the noise)"
-        )
-    if dp["mode"] != "central":
-        raise ValueError(f"federation.dp.mode must be 'off' or 'central', got {dp['mode']!r}")
+    if dp["mode"] not in ("central", "distributed"):
+        raise ValueError(f"federation.dp.mode must be 'off', 'central' or 'distributed', got {dp['mode']!r}")
     if not float(dp["clip_norm"]) > 0:
-        raise ValueError("federation.dp.clip_norm must be > 0 with dp.mode='central' (the sensitivity C)")
+        raise ValueError(
+            f"federation.dp.clip_norm must be > 0 with dp.mode={dp['mode']!r} (the sensitivity C)"
+        )
     if not 0 < float(dp["delta"]) < 1:
         raise ValueError(f"federation.dp.delta must be in (0, 1), got {dp['delta']}")
     if float(dp["noise_multiplier"]) <= 0 and float(dp["target_epsilon"]) <= 0:
@@ -266,7 +268,8 @@ class Federation:
         self.aggregation, self.trim_fraction = str(fed.aggregation), float(fed.trim_fraction)
         self.clip_ratio = float(fed.clip_norm_ratio)
         self.dp = fed.dp
-        self.dp_on = fed.dp.mode == "central"
+        self.dp_on = fed.dp.mode != "off"
+        self.central_noise = fed.dp.mode == "central"
         k = int(fed.silos_per_round)
         self.expected_silos = k if 0 < k < len(self.names) else len(self.names)  # the DP denominator
         self.noise_multiplier = self._noise_multiplier() if self.dp_on else 0.0
@@ -293,6 +296,20 @@ class Federation:
             lambda p: compression.compress(p, None, self.method, self.block_size)[0], s.abstract_params
         )
         self.param_bytes = compression.raw_nbytes(s.abstract_params)
+        self.secure: secure.SecureSum | None = None
+        self.upload_method = self.method
+        if fed.secagg.enabled:  # uploads are masked ring words, one per parameter
+            self.secure = secure.SecureSum(
+                fed,
+                expected_silos=self.expected_silos,
+                noise_multiplier=self.noise_multiplier,
+                num_params=model_lib.param_count(s.model_config),
+            )
+            self.upload_method = f"ring{self.secure.ring_bits}"
+            ring = secure.ring_dtype(self.secure.ring_bits)
+            self.abstract_payload = jax.tree.map(
+                lambda x: {"x": jax.ShapeDtypeStruct(x.shape, ring)}, s.abstract_params
+            )
         self.payload_bytes = compression.payload_nbytes(self.abstract_payload)  # every valid upload's size
         like = self.abstract_params
         self._payload_stats = jax.jit(lambda p: outer.delta_stats(compression.decompress(p, like)))
@@ -519,7 +536,7 @@ class Federation:
     def finish_aggregate(self, mean, factor: float, r: int, noise_secret: bytes | None = None):
         """The aggregate the outer step sees: mean x factor (server-side clipping), plus, under central
         DP, N(0, (σC/D)²) per coordinate drawn from a key only the aggregator can derive."""
-        if self.dp_on:
+        if self.central_noise:
             if noise_secret is None:
                 raise ValueError("central DP needs the aggregator's noise secret")
             key = privacy.noise_key(noise_secret, r, "aggregator")

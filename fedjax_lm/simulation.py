@@ -40,6 +40,8 @@ from fedjax_lm import model as model_lib
 from fedjax_lm import monitor
 from fedjax_lm import outer
 from fedjax_lm import runs
+from fedjax_lm import secagg
+from fedjax_lm import secure
 from fedjax_lm.data import select
 
 
@@ -58,7 +60,7 @@ class Simulation:
         self.fed = fed_lib.Federation(config, select.active_silos(config, corpus), mesh=mesh)
         self.config, self.corpus, self.progress = config, corpus, progress
         self._jit_par = None
-        self.noise_secret: bytes | None = None  # central DP: the aggregator's (runs.noise_secret)
+        self.noise_secret: bytes | None = None  # DP: the noise adders' secret (runs.noise_secret)
 
     def init(self, seed: int) -> tuple[outer.OuterState, dict[str, SiloPrivate]]:
         server = self.fed.init_server(seed)
@@ -133,6 +135,8 @@ class Simulation:
         with timer.phase("local_train"):
             outs = self.run_clients(server, privates, sampled, r)
             jax.block_until_ready(outs)
+        if f.secure is not None:
+            return self._secure_round(server, privates, outs, sampled, r, timer, ledger)
         accepted, rejected, norms = {}, {}, {}
         for n in sampled:
             o = outs[n]
@@ -163,8 +167,7 @@ class Simulation:
             jax.block_until_ready(server)
         with timer.phase("diagnostics"):  # read-only on the payloads: the aggregate is already made
             geometry = f.update_diagnostics({n: (outs[n].payload, accepted[n]["tokens"]) for n in accepted})
-        for n in sampled:  # a silo's private state advances whether or not its update was accepted
-            privates[n].arrays = f.next_private(privates[n].arrays, outs[n])
+        self._advance(privates, outs, sampled)
         if f.fed.aggregate_inner_moments and accepted:
             shared = f.shared_moments((outs[n].opt_state, accepted[n]["tokens"]) for n in accepted)
             for p in privates.values():
@@ -177,6 +180,55 @@ class Simulation:
             rejected=rejected,
             update_norms=norms,
             **geometry,
+            **f.privacy_fields(r + 1, clipped),
+        )
+
+    def _advance(self, privates, outs, sampled) -> None:
+        for n in sampled:  # a silo's private state advances whether or not its update was accepted
+            privates[n].arrays = self.fed.next_private(privates[n].arrays, outs[n])
+
+    def _secure_round(self, server, privates, outs, sampled, r, timer, ledger):
+        """The round under secure aggregation: each silo's contribution (`SecureSum.contribution`)
+        goes through the whole protocol in memory (`secagg.simulate_round`: keys, Shamir shares, masks,
+        unmasking) and the aggregating side uses only the decoded sum, as the deployment does. A silo
+        whose update is not finite (no DP clipping to zero it) does not send it: a dropout."""
+        f, sec = self.fed, self.fed.secure
+        contributions, dropped, clipped = {}, [], 0
+        for n in sampled:
+            x, norm = sec.contribution(outs[n].payload, r, n, self.noise_secret)
+            contributions[n] = jax.device_get(x)
+            if not math.isfinite(norm) and not f.dp_on:
+                dropped.append(n)
+            clipped += int(f.dp_on and norm > sec.clip_norm)
+        with timer.phase("aggregate"):
+            k = len(sampled)
+            result = secagg.simulate_round(
+                contributions,
+                threshold=sec.threshold(k),
+                fixed_point=sec.fixed_point(k),
+                dropped=dropped,
+                run_id="simulation",
+                round_idx=r,
+            )
+            total = jax.device_put(result.sum, f.silo.param_shardings)
+            mean = f.finish_aggregate(total, sec.mean_factor(len(result.survivors)), r, self.noise_secret)
+            server, diag = f.step(server, mean)
+            jax.block_until_ready(server)
+        self._advance(privates, outs, sampled)
+        accepted = {
+            n: {
+                "tokens": f.weight(np.asarray(outs[n].metrics["tokens"]).sum()),
+                "loss": float(np.asarray(outs[n].metrics["loss"]).mean()),
+            }
+            for n in result.survivors
+        }
+        return server, f.round_row(
+            r,
+            accepted,
+            ledger,
+            diag,
+            rejected={n: "update not finite: not sent (secure aggregation dropout)" for n in dropped},
+            **secure.row_fields(result.survivors, result.dropped, sum(result.saturated.values())),
             **f.privacy_fields(r + 1, clipped),
         )
 
