@@ -106,7 +106,7 @@ VERBS = {
     ),
     "silo": Verb(
         "one silo process of a cross-silo deployment: trains on its own sources with the store's tokenizer",
-        ("config", "store", "silo", "source"),
+        ("config", "store", "silo", "source", "workdir"),
         "python -m fedjax_lm silo --config experiments/photon.py:size=tiny --store runs/store --source clinic=folder:/data/clinic",
     ),
     "sweep": Verb(
@@ -283,7 +283,7 @@ def _cmd_silo(config) -> None:
         raise app.UsageError(
             "`silo` needs --silo NAME (or one --source NAME=SPEC) (python -m fedjax_lm silo --help)"
         )
-    deploy.SiloWorker(config, _store_root(config), name).run()
+    deploy.SiloWorker(config, _store_root(config), name, workdir=_WORKDIR.value).run()
 
 
 def _cmd_sweep(config) -> None:

@@ -44,7 +44,7 @@ trap cleanup INT TERM
 agg=$!
 for s in $SILOS; do
   # shellcheck disable=SC2046
-  "$PY" -m fedjax_lm silo --config "$CONFIG" --store "$RUN/store" --silo "$s" $(key_flags "$s") "$@" >"$RUN/logs/$s.log" 2>&1 &
+  "$PY" -m fedjax_lm silo --config "$CONFIG" --store "$RUN/store" --silo "$s" --workdir "$RUN/silo-$s" $(key_flags "$s") "$@" >"$RUN/logs/$s.log" 2>&1 &
   pids+=($!)
 done
 pids+=($agg)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import statistics
 import time
 from collections.abc import Mapping, Sequence
@@ -20,6 +21,8 @@ from fedjax_lm import model as model_lib
 from fedjax_lm import monitor
 from fedjax_lm import outer
 from fedjax_lm import runs
+from fedjax_lm import secagg
+from fedjax_lm import secure
 from fedjax_lm import store as store_lib
 from fedjax_lm.data import select
 from fedjax_lm.deploy.common import (
@@ -33,6 +36,7 @@ from fedjax_lm.deploy.common import (
     shared_config,
     silo_names,
 )
+from fedjax_lm.deploy.secure_protocol import AggregatorProtocol
 
 MAX_STRANGERS_LOGGED = 16  # updates under names that are not members: reported by name up to this many
 
@@ -110,10 +114,13 @@ class Aggregator:
             f"published global/{r}: silos {meta['sampled']}, deadline in {meta['deadline'] - now:.0f}s",
         )
 
-    def wait_for_round(self, r: int, meta: Mapping[str, Any]) -> list[str]:
-        """Until every sampled silo committed, or the deadline once `quorum` did; shows who is in."""
-        sampled = list(meta["sampled"])
-        quorum = min(int(self.deploy.quorum), len(sampled))
+    def wait_for_round(
+        self, r: int, meta: Mapping[str, Any], expected: list[str] | None = None, quorum: int | None = None
+    ) -> list[str]:
+        """Until every expected (default: sampled) silo committed, or the deadline once `quorum` did;
+        shows who is in."""
+        sampled = list(meta["sampled"] if expected is None else expected)
+        quorum = min(int(self.deploy.quorum) if quorum is None else quorum, len(sampled))
         shown, last_shown, warned = None, 0.0, False
         while True:
             committed = self._counted_commits(r, sampled)
@@ -184,6 +191,8 @@ class Aggregator:
         return late
 
     def close_round(self, r: int, server: outer.OuterState, meta: Mapping[str, Any]):
+        if self.fed.secure is not None:
+            return self._close_secure_round(r, server, meta)
         committed = self.wait_for_round(r, meta)
         late = self._log_late_updates(r)
         manifests, rejected = {}, {}
@@ -285,6 +294,87 @@ class Aggregator:
         log("aggregator", f"round {r}: no acceptable update; global params unchanged")
         return outer.OuterState(server.params, server.opt_state, server.round + 1), {}, 0
 
+    def _close_secure_round(self, r: int, server: outer.OuterState, meta: Mapping[str, Any]):
+        """Secure aggregation (`deploy.secure_protocol`): U1, U2, the masked inputs until the deadline,
+        U3, the unmasking; the outer step sees only the decoded sum of the survivors. Fewer than t
+        survivors (or responses) abort the round: params unchanged, nothing of the round is computed."""
+        f, sec = self.fed, self.fed.secure
+        t0 = time.perf_counter()
+        sampled = list(meta["sampled"])
+        spec = sec.spec(self.run_id, r, len(sampled))
+        key = secure.aggregator_key(runs.noise_secret(self.workdir), self.run_id, r)
+        proto = AggregatorProtocol(self.store, self.trust, spec, key, sec.phase_s, float(self.deploy.poll_s))
+        members = proto.members(sampled)
+        senders = proto.senders(sorted(members))
+        committed = self.wait_for_round(r, meta, expected=senders, quorum=0)  # the deadline decides
+        late = self._log_late_updates(r)
+        manifests, rejected = {}, {}
+        for silo in committed:
+            try:
+                manifests[silo] = self.store.validate_update(
+                    r,
+                    silo,
+                    f.abstract_payload,
+                    expected_silos=senders,
+                    current_round=r,
+                    allow=self.trust.allow,
+                    base_sha256=meta["params_sha256"],
+                )
+            except store_lib.UpdateRejected as e:
+                rejected[silo] = str(e)
+                log("aggregator", f"REJECTED {e}")
+        survivors, dropped, aborted = proto.survivors(senders, sorted(manifests))
+        pause = float(os.environ.get("FEDJAX_PAUSE_AFTER_VALIDATION_S", "0"))  # fault-injection window
+        if pause:
+            log("aggregator", f"round {r}: U3 published ({survivors}); pausing {pause}s before unmasking")
+            time.sleep(pause)
+        diag: dict[str, Any] = {}
+        new = outer.OuterState(server.params, server.opt_state, server.round + 1)
+        if not aborted:
+            try:
+                masked = store_lib.aggregate.stream_ring_sum(
+                    self.store, r, survivors, f.abstract_params, spec.fixed_point.dtype, manifests=manifests
+                )
+                ring = proto.unmask(masked, members, survivors, dropped)
+                total = jax.device_put(
+                    secagg.decode(ring, spec.fixed_point, len(survivors)), f.silo.param_shardings
+                )
+                mean = f.finish_aggregate(total, sec.mean_factor(len(survivors)), r, self._noise_secret())
+                new, diag = f.step(server, mean)
+            except (secagg.SecAggAbort, store_lib.UpdateRejected) as e:
+                aborted = (
+                    f"{e} (after U3: the survivors are fixed, so the round is aborted)"
+                    if isinstance(e, store_lib.UpdateRejected)
+                    else str(e)
+                )
+        if aborted:
+            log("aggregator", f"round {r}: secure aggregation ABORTED: {aborted}; global params unchanged")
+            survivors = []
+        accepted = {
+            s: {"tokens": f.weight(manifests[s]["tokens"]), "loss": manifests[s].get("loss")}
+            for s in survivors
+        }
+        row = f.round_row(
+            r,
+            accepted,
+            self.ledger,
+            diag,
+            rejected=rejected,
+            ignored_late=late,
+            silo_seconds={s: m.get("finished_at", 0) - meta["published_at"] for s, m in manifests.items()},
+            **secure.row_fields(
+                survivors, dropped, sum(int(m.get("secagg_saturated", 0)) for m in manifests.values())
+            ),
+            **({"secagg_aborted": aborted} if aborted else {}),
+            secagg_bytes=proto.message_bytes(sampled),
+            secagg_seconds=time.perf_counter() - t0,
+            **f.privacy_fields(r + 1, sum(int(manifests[s].get("clipped", 0)) for s in survivors)),
+        )
+        self.deadlines.observe(
+            [m["finished_at"] - meta["published_at"] for m in manifests.values() if "finished_at" in m]
+        )
+        return new, row
+
     def _noise_secret(self) -> bytes | None:
         """Central DP: the aggregator's own noise secret, in its workdir (never in the store)."""
         return runs.noise_secret(self.workdir) if self.fed.dp_on else None
@@ -297,11 +387,14 @@ class Aggregator:
         r = self.store.latest_global()
         if r is None:
             run["tokenizer_sha256"] = self.store.put_tokenizer(self._tokenizer_bytes())
+            run["run_id"] = secrets.token_hex(16)  # binds secure aggregation's key derivations to this run
+            self.run_id = run["run_id"]
             run["allow_list"] = self.trust.allow.to_json() if self.trust.signed else None
             self.store.write_run({**run, "config": runs.config_dict(self.config), "silos": self.fed.names})
             self._publish(0, self.fed.init_server(int(self.config.train.seed)), {}, lock=self._lock)
             return 0
-        check_store_run(self.store, self.config, "aggregator", self.trust)
+        stored = check_store_run(self.store, self.config, "aggregator", self.trust)
+        self.run_id = str(stored.get("run_id") or stored["fingerprint"])
         log("aggregator", f"resuming at round {r} of {self.fed.rounds}")
         for q in range(r):  # the ledger is rebuilt from what the store holds
             m = self.store.read_global_meta(q + 1)

@@ -8,12 +8,14 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import ml_collections
 
 from fedjax_lm import config as config_lib
 from fedjax_lm import federation as fed_lib
 from fedjax_lm import model as model_lib
 from fedjax_lm import monitor
+from fedjax_lm import runs
 from fedjax_lm import store as store_lib
 from fedjax_lm.data import build as build_sources
 from fedjax_lm.data import config as data_config
@@ -26,13 +28,26 @@ from fedjax_lm.deploy.common import (
     load_trust,
     log,
 )
+from fedjax_lm.deploy.secure_protocol import SiloProtocol
 
 
 class SiloWorker:
-    def __init__(self, config: ml_collections.ConfigDict, store_root: str, name: str):
+    def __init__(
+        self, config: ml_collections.ConfigDict, store_root: str, name: str, workdir: str | None = None
+    ):
         config_lib.validate(config)
         check_deployable(config)
-        self.config, self.name = config, name
+        if config.federation.secagg.enabled and not workdir:
+            raise ValueError(
+                f"silo {name!r}: secure aggregation keeps this silo's round keys and noise secret in a private "
+                "folder of its own: give --workdir (never the store)"
+            )
+        if config.federation.secagg.enabled and jax.process_count() > 1:
+            raise ValueError(
+                f"silo {name!r}: secure aggregation masks the whole update on one host; a multi-host silo "
+                f"({jax.process_count()} processes) cannot take part yet: set federation.secagg.enabled=False"
+            )
+        self.config, self.name, self.workdir = config, name, workdir
         self.poll = float(config.federation.deploy.poll_s)
         self.store = store_lib.Store(store_root)
         self.trust = load_trust(config, name)
@@ -55,6 +70,7 @@ class SiloWorker:
         select.check_vocab(self.config, corpus)
         corpus.check_silos([self.name])
         self.iterator = select.silo_iterator(corpus, self.name, self.config)
+        self.run_id = str(run.get("run_id") or run["fingerprint"])
         return fed_lib.Federation(self.config, run["silos"])
 
     def _data_with_store_tokenizer(self, sha256: str):
@@ -136,6 +152,26 @@ class SiloWorker:
         manifest (array hashes, round, silo, base global). experiments/attacks.py overrides it."""
         self.store.write_update(r, self.name, payload, manifest, signer=self.trust.signer)
 
+    def _masked(self, r: int, payload, secure: SiloProtocol):
+        """(the masked ring payload, manifest fields) of this silo's contribution; (None, {}) when the
+        round went on without it. The contribution is clipped / noised as federation.dp says, with
+        noise from this silo's own secret (in its workdir)."""
+        sec = self.fed.secure
+        secret = runs.noise_secret(self.workdir) if sec.share_std > 0 else None
+        x, norm = sec.contribution(payload, r, self.name, secret)
+        pause = float(os.environ.get("FEDJAX_SILO_PAUSE_BEFORE_MASK_S", "0"))  # fault-injection window
+        if pause:
+            log(self.name, f"round {r}: keys shared, update ready; pausing {pause}s before masking it")
+            time.sleep(pause)
+        masked = secure.mask(r, jax.device_get(x))
+        if masked is None:
+            return None, {}
+        ring, saturated = masked
+        extra = {"secagg_saturated": int(saturated)}
+        if self.fed.dp_on:
+            extra["clipped"] = int(norm > sec.clip_norm)
+        return jax.tree.map(lambda w: {"x": w}, ring), extra
+
     def run(self, max_rounds: int | None = None) -> int:
         """Takes part until the last round; returns the number of updates it uploaded."""
         self.fed = self._join()
@@ -154,6 +190,11 @@ class SiloWorker:
                 self.store.wait_for_global(r + 1, timeout_s=10 * 24 * 3600, poll_s=self.poll)
                 continue
             committed = self.store.is_committed(r, self.name, self.trust.signer)
+            secure = None
+            if self.fed.secure is not None:  # keys and shares first: they do not depend on training
+                secure = SiloProtocol(self.store, self.trust, self.name, self.workdir, self.poll)
+                spec = self.fed.secure.spec(self.run_id, r, len(meta["sampled"]))
+                joined = secure.load(spec) if committed else secure.begin(spec)
             out, secs, base = self._train(r, private, progress=not committed)
             del private
             loss = float(out.metrics["loss"].mean())
@@ -164,25 +205,34 @@ class SiloWorker:
                 )
             elif not math.isfinite(loss):
                 log(self.name, f"round {r}: local loss {loss}; not uploading")
+            elif secure is not None and not joined:
+                log(self.name, f"round {r}: not in the secure-aggregation round; not uploading")
             else:
+                payload, extra = out.payload, {}
+                if secure is not None:
+                    payload, extra = self._masked(r, out.payload, secure)
                 manifest = {
                     "round": r,
                     "silo": self.name,
                     "tokens": tokens,
                     "loss": loss,
                     "train_seconds": secs,
-                    "method": self.fed.method,
+                    "method": self.fed.upload_method,
                     "finished_at": time.time(),
                     "flops": tokens * model_lib.flops_per_token(self.fed.silo.model_config, self.fed.seq_len),
                     "base_global_sha256": base,  # binds the update to the global it was trained from
+                    **extra,
                 }
-                self.upload(r, out.payload, manifest)
-                uploads += 1
+                if payload is not None:
+                    self.upload(r, payload, manifest)
+                    uploads += 1
                 log(self.name, f"round {r}: uploaded (loss {loss:.3f}, {tokens:.0f} tokens, {secs:.1f}s)")
             pause = float(os.environ.get("FEDJAX_SILO_PAUSE_AFTER_COMMIT_S", "0"))  # fault-injection window
             if pause:
                 log(self.name, f"pausing after the commit of round {r} for {pause}s")
                 time.sleep(pause)
             self._save_private(r, self.fed.next_private({}, out))
+            if secure is not None and joined:
+                secure.respond(r)
             if max_rounds is not None and uploads >= max_rounds:
                 return uploads
