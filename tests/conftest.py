@@ -73,3 +73,13 @@ def small_corpus(tmp_path_factory):
     cfg.val_fraction = 0.1
     data_lib.prepare(cfg)
     return cfg
+
+
+@pytest.fixture
+def procs():
+    """A holder for a test's `Procs` (tests/test_deploy.py) under key "p": every process it started is
+    killed when the test ends, pass or fail."""
+    holder = {}
+    yield holder
+    if "p" in holder:
+        holder["p"].close()

@@ -101,14 +101,6 @@ class Procs:
                 p.wait()
 
 
-@pytest.fixture
-def procs(tmp_path, request):
-    holder = {}
-    yield holder
-    if "p" in holder:
-        holder["p"].close()
-
-
 def wait_until(pred, timeout=180, poll=0.1, what="condition"):
     t = time.time()
     while time.time() - t < timeout:

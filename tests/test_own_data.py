@@ -170,11 +170,3 @@ def test_two_silos_on_private_folders_share_only_the_tokenizer(small_corpus, tex
                 data = open(os.path.join(dirpath, f), "rb").read()
                 assert all(m.encode() not in data for m in marker.values()), os.path.join(dirpath, f)
     assert "no validation corpus here" in p.log("aggregator")
-
-
-@pytest.fixture
-def procs():
-    holder = {}
-    yield holder
-    if "p" in holder:
-        holder["p"].close()
