@@ -35,6 +35,7 @@ from jax.sharding import Mesh
 
 from fedjax_lm import compression
 from fedjax_lm import diagnostics
+from fedjax_lm import dp_round
 from fedjax_lm import model as model_lib
 from fedjax_lm import monitor
 from fedjax_lm import outer
@@ -72,17 +73,7 @@ def default_federation_config() -> ml_collections.ConfigDict:
             # update to dp.clip_norm, sums them with weight 1 each, adds N(0, (noise_multiplier x
             # clip_norm)^2) per coordinate and divides by the expected number of silos per round.
             # Distributed mode (needs secagg): each silo clips and adds its share of that noise.
-            dp=ml_collections.ConfigDict(
-                dict(
-                    mode="off",  # "off" | "central" | "distributed"
-                    clip_norm=0.0,  # C
-                    noise_multiplier=0.0,  # sigma; 0 with target_epsilon > 0: the sigma for the run's rounds
-                    target_epsilon=0.0,
-                    delta=1e-5,
-                    epsilon_budget=0.0,  # stop before a round would exceed it (0: no budget)
-                    accountant="rdp",  # "rdp" | "pld" (pld needs every silo in every round)
-                )
-            ),
+            dp=ml_collections.ConfigDict(dp_round.default_config()),
             # Secure aggregation (fedjax_lm/secure.py): the aggregator sees only the round's sum.
             secagg=ml_collections.ConfigDict(secure.default_config()),
             trim_fraction=robust.DEFAULT_TRIM_FRACTION,  # trimmed_mean: dropped at EACH end, in [0, 0.5)
@@ -142,7 +133,7 @@ def check_config(fed: Mapping[str, Any]) -> None:
     robust.check_rule(fed["aggregation"], fed["trim_fraction"])
     if not float(fed["clip_norm_ratio"]) >= 0:
         raise ValueError(f"federation.clip_norm_ratio must be >= 0, got {fed['clip_norm_ratio']}")
-    check_dp(fed)
+    dp_round.check_config(fed)
     secure.check_config(fed)
     if fed["aggregate_inner_moments"] and fed["inner_state"] != "keep":
         raise ValueError("federation.aggregate_inner_moments needs federation.inner_state='keep'")
@@ -165,37 +156,6 @@ def check_config(fed: Mapping[str, Any]) -> None:
         raise ValueError(
             "federation.deploy.key is set but federation.deploy.allow_list is not: a signed federation "
             "needs the allow-list of every member's public key (python -m fedjax_lm keygen --help)"
-        )
-
-
-def check_dp(fed: Mapping[str, Any]) -> None:
-    """federation.dp and what it cannot be combined with; errors name the field."""
-    dp = fed["dp"]
-    unknown = set(dp) - set(default_federation_config().dp)
-    if unknown:
-        raise ValueError(f"federation.dp has unknown fields {sorted(unknown)}")
-    if dp["mode"] == "off":
-        return
-    if dp["mode"] not in ("central", "distributed"):
-        raise ValueError(f"federation.dp.mode must be 'off', 'central' or 'distributed', got {dp['mode']!r}")
-    if not float(dp["clip_norm"]) > 0:
-        raise ValueError(
-            f"federation.dp.clip_norm must be > 0 with dp.mode={dp['mode']!r} (the sensitivity C)"
-        )
-    if not 0 < float(dp["delta"]) < 1:
-        raise ValueError(f"federation.dp.delta must be in (0, 1), got {dp['delta']}")
-    if float(dp["noise_multiplier"]) <= 0 and float(dp["target_epsilon"]) <= 0:
-        raise ValueError("federation.dp: give noise_multiplier > 0 or target_epsilon > 0")
-    if dp["accountant"] not in ("rdp", "pld"):
-        raise ValueError(f"federation.dp.accountant must be 'rdp' or 'pld', got {dp['accountant']!r}")
-    if fed["aggregation"] != "mean":
-        raise ValueError(
-            f"federation.dp needs federation.aggregation='mean' (the sensitivity of a {fed['aggregation']} "
-            "is not C)"
-        )
-    if fed["aggregate_inner_moments"]:
-        raise ValueError(
-            "federation.dp cannot share inner optimizer moments (they are not clipped or noised)"
         )
 
 
@@ -268,11 +228,13 @@ class Federation:
         self.aggregation, self.trim_fraction = str(fed.aggregation), float(fed.trim_fraction)
         self.clip_ratio = float(fed.clip_norm_ratio)
         self.dp = fed.dp
-        self.dp_on = fed.dp.mode != "off"
-        self.central_noise = fed.dp.mode == "central"
         k = int(fed.silos_per_round)
         self.expected_silos = k if 0 < k < len(self.names) else len(self.names)  # the DP denominator
-        self.noise_multiplier = self._noise_multiplier() if self.dp_on else 0.0
+        self.dp_round = dp_round.RoundDP(
+            fed.dp, num_silos=len(self.names), expected_silos=self.expected_silos, rounds=self.rounds
+        )
+        self.dp_on, self.central_noise = self.dp_round.on, self.dp_round.central
+        self.noise_multiplier = self.dp_round.noise_multiplier
         # The most tokens a silo can see in a round: its claimed count is capped here (the server
         # decides weights; a claim of 1e37 tokens would otherwise be the whole mean).
         self.token_cap = float(self.H * self.batch_size * self.seq_len)
@@ -431,91 +393,25 @@ class Federation:
         }
 
     # -- privacy and server-side clipping ------------------------------------------------------
-    def _sampling(self) -> dict[str, Any]:
-        n, k = len(self.names), self.expected_silos
-        if k == n:  # every silo in every round: no amplification by sampling
-            return dict(sampling_probability=1.0)
-        if self.dp.accountant != "rdp":
-            raise ValueError(
-                "federation.dp.accountant='pld' cannot account a fixed-size sample of silos per round; use 'rdp'"
-            )
-        return dict(sampling_probability=k / n, sampling="without_replacement", population=n)
-
-    def _noise_multiplier(self) -> float:
-        sigma = float(self.dp.noise_multiplier)
-        if sigma > 0:
-            return sigma
-        return privacy.noise_multiplier_for(
-            float(self.dp.target_epsilon),
-            float(self.dp.delta),
-            self.rounds,
-            accountant=str(self.dp.accountant),
-            **self._sampling(),
+    def privacy_fields(
+        self, rounds_done: int, clipped: int, clip_norm: float | None = None
+    ) -> dict[str, Any]:
+        """The round row's privacy fields (empty unless DP or server-side clipping is on)."""
+        out = self.dp_round.fields(
+            rounds_done, clipped, self.dp_round.initial_clip if clip_norm is None else clip_norm
         )
-
-    def epsilon_after(self, rounds: int) -> float:
-        """The privacy spent after `rounds` rounds (DP on), at federation.dp.delta."""
-        acc = privacy.PrivacyAccountant(
-            self.noise_multiplier,
-            delta=float(self.dp.delta),
-            accountant=str(self.dp.accountant),
-            **self._sampling(),
-        )
-        return acc.epsilon_after(rounds) if rounds else 0.0
-
-    def privacy_rounds(self) -> int:
-        """How many rounds the run may take: federation.rounds, or fewer if dp.epsilon_budget would be
-        exceeded (the most rounds n with ε(n) <= budget; ε grows with n, so a bisection)."""
-        budget = float(self.dp.epsilon_budget)
-        if not self.dp_on or not budget > 0 or self.epsilon_after(self.rounds) <= budget:
-            return self.rounds
-        lo, hi = 0, self.rounds  # ε(lo) <= budget < ε(hi)
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if self.epsilon_after(mid) <= budget else (lo, mid)
-        if lo == 0:
-            raise ValueError(
-                f"federation.dp.epsilon_budget={budget:g} is below the ε of one round "
-                f"({self.epsilon_after(1):.3g} with noise_multiplier {self.noise_multiplier:.4g})"
-            )
-        return lo
-
-    def privacy_fields(self, rounds_done: int, clipped: int) -> dict[str, Any]:
-        """The round row's privacy fields (empty unless DP or clipping is on)."""
-        out: dict[str, Any] = {}
-        if self.dp_on:
-            out.update(
-                dp_epsilon=self.epsilon_after(rounds_done),
-                dp_delta=float(self.dp.delta),
-                dp_noise_multiplier=self.noise_multiplier,
-                dp_clip_norm=float(self.dp.clip_norm),
-            )
-        if self.dp_on or self.clip_ratio:
+        if self.clip_ratio:
             out["clipped"] = int(clipped)
         return out
 
-    def privacy_summary(self, rounds_done: int) -> dict[str, Any]:
-        if not self.dp_on:
-            return {}
-        return {
-            "mode": str(self.dp.mode),
-            "epsilon": self.epsilon_after(rounds_done),
-            "delta": float(self.dp.delta),
-            "noise_multiplier": self.noise_multiplier,
-            "clip_norm": float(self.dp.clip_norm),
-            "rounds": rounds_done,
-            "sampling_probability": self.expected_silos / len(self.names),
-            "accountant": str(self.dp.accountant),
-            "stopped_by_budget": rounds_done < self.rounds,
-        }
-
     def server_weights(
-        self, claimed: Mapping[str, float], norms: Mapping[str, float]
+        self, claimed: Mapping[str, float], norms: Mapping[str, float], clip_norm: float | None = None
     ) -> tuple[dict[str, float], float, int]:
         """(the weights to aggregate the accepted updates with, the factor the weighted mean is then
         multiplied by, how many updates were clipped).
 
-        Without clipping: the capped token weights and 1. With a clip bound B (dp.clip_norm, or
+        Without clipping: the capped token weights and 1. With a clip bound B (the round's DP clip
+        `clip_norm`, default dp.clip_norm, or
         clip_norm_ratio x the round's median norm) each update is scaled by s_k = min(1, B/‖Δ_k‖),
         folded in as weight w_k·s_k; the factor Σ w_k s_k / D then gives Σ w_k s_k Δ_k / D with
         D = Σ w_k, or, under DP, every w_k = 1 and D = the expected number of silos per round (a
@@ -523,7 +419,7 @@ class Federation:
         base = {s: 1.0 if self.dp_on else self.weight(t) for s, t in claimed.items()}
         bound = None
         if self.dp_on:
-            bound = float(self.dp.clip_norm)
+            bound = self.dp_round.initial_clip if clip_norm is None else float(clip_norm)
         elif self.clip_ratio and norms:
             bound = self.clip_ratio * float(np.median([norms[s] for s in claimed]))
         if bound is None or not bound > 0:
@@ -533,14 +429,19 @@ class Federation:
         denominator = float(self.expected_silos) if self.dp_on else sum(base.values())
         return weights, sum(weights.values()) / denominator, sum(v < 1.0 for v in scales.values())
 
-    def finish_aggregate(self, mean, factor: float, r: int, noise_secret: bytes | None = None):
+    def finish_aggregate(
+        self, mean, factor: float, r: int, noise_secret: bytes | None = None, clip_norm: float | None = None
+    ):
         """The aggregate the outer step sees: mean x factor (server-side clipping), plus, under central
-        DP, N(0, (σC/D)²) per coordinate drawn from a key only the aggregator can derive."""
+        DP, N(0, (z_Δ C/D)²) per coordinate (`RoundDP.noise_std`; z_Δ = σ without adaptive clipping)
+        drawn from a key only the aggregator can derive."""
         if self.central_noise:
             if noise_secret is None:
                 raise ValueError("central DP needs the aggregator's noise secret")
             key = privacy.noise_key(noise_secret, r, "aggregator")
-            std = self.noise_multiplier * float(self.dp.clip_norm) / self.expected_silos
+            std = self.dp_round.noise_std(
+                self.dp_round.initial_clip if clip_norm is None else float(clip_norm)
+            )
             return _scale_and_noise(mean, jnp.float32(factor), key, jnp.float32(std))
         if factor != 1.0:
             return _scale(mean, jnp.float32(factor))

@@ -34,6 +34,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fedjax_lm import checkpoint as ckpt_lib
 from fedjax_lm import config as config_lib
+from fedjax_lm import dp_round
 from fedjax_lm import evaluate as eval_lib
 from fedjax_lm import federation as fed_lib
 from fedjax_lm import model as model_lib
@@ -61,6 +62,7 @@ class Simulation:
         self.config, self.corpus, self.progress = config, corpus, progress
         self._jit_par = None
         self.noise_secret: bytes | None = None  # DP: the noise adders' secret (runs.noise_secret)
+        self.clip_norm = self.fed.dp_round.initial_clip  # DP: this round's C (adaptive clipping moves it)
 
     def init(self, seed: int) -> tuple[outer.OuterState, dict[str, SiloPrivate]]:
         server = self.fed.init_server(seed)
@@ -152,15 +154,16 @@ class Simulation:
         for n, reason in rejected.items():
             accepted.pop(n, None)
             print(f"[fedjax_lm] round {r}: REJECTED silo {n}: {reason}", flush=True)
+        clip = self.clip_norm
         weights, factor, clipped = f.server_weights(
-            {n: a["tokens"] for n, a in accepted.items()}, {n: norms[n] for n in accepted}
+            {n: a["tokens"] for n, a in accepted.items()}, {n: norms[n] for n in accepted}, clip
         )
         with timer.phase("aggregate"):
             if accepted:
                 server, diag = f.aggregate(
                     server,
                     ((outs[n].payload, weights[n]) for n in accepted),
-                    finish=lambda mean: f.finish_aggregate(mean, factor, r, self.noise_secret),
+                    finish=lambda mean: f.finish_aggregate(mean, factor, r, self.noise_secret, clip),
                 )
             else:
                 server, diag = outer.OuterState(server.params, server.opt_state, server.round + 1), {}
@@ -168,6 +171,7 @@ class Simulation:
         with timer.phase("diagnostics"):  # read-only on the payloads: the aggregate is already made
             geometry = f.update_diagnostics({n: (outs[n].payload, accepted[n]["tokens"]) for n in accepted})
         self._advance(privates, outs, sampled)
+        self.clip_norm = f.dp_round.next_clip(clip, {n: norms[n] for n in accepted}, r, self.noise_secret)
         if f.fed.aggregate_inner_moments and accepted:
             shared = f.shared_moments((outs[n].opt_state, accepted[n]["tokens"]) for n in accepted)
             for p in privates.values():
@@ -180,7 +184,7 @@ class Simulation:
             rejected=rejected,
             update_norms=norms,
             **geometry,
-            **f.privacy_fields(r + 1, clipped),
+            **f.privacy_fields(r + 1, clipped, clip),
         )
 
     def _advance(self, privates, outs, sampled) -> None:
@@ -269,6 +273,7 @@ def train(
             p.arrays = items["silos"][n]
             p.iterator.set_state(meta["iterators"][n])
         ledger.rounds = meta["ledger"]
+        sim.clip_norm = dp_round.clip_of(meta, sim.clip_norm)
         print(f"[fedjax_lm] resumed after round {start} in {workdir}", flush=True)
     writer = monitor.MetricWriter(workdir, enabled=jax.process_index() == 0)
     writer.truncate("rounds", keep_below=start)  # rows of rounds a crash left half-done
@@ -280,7 +285,7 @@ def train(
         max_batches=int(config.train.eval_batches),
     )
     timer = monitor.PhaseTimer()
-    last = f.privacy_rounds()  # federation.rounds, or fewer under a DP budget
+    last = f.dp_round.rounds_allowed()  # federation.rounds, or fewer under a DP budget
     if last < f.rounds:
         print(
             f"[fedjax_lm] the privacy budget ε={float(config.federation.dp.epsilon_budget):g} allows "
@@ -316,6 +321,7 @@ def train(
             meta = {
                 "iterators": {n: p.iterator.get_state() for n, p in privates.items()},
                 "ledger": ledger.rounds,
+                "dp_clip_norm": sim.clip_norm,  # the next round's C (adaptive clipping)
                 "round": r + 1,
             }
             ckpt.save(r + 1, _checkpoint_items(server, privates), meta)
@@ -344,7 +350,7 @@ def train(
         "communication": comm,
     }
     if f.dp_on:
-        summary["privacy"] = f.privacy_summary(last)
+        summary["privacy"] = f.dp_round.summary(last, sim.clip_norm)
     runs.write_json_atomic(os.path.join(workdir, "summary.json"), summary)
     print(eval_lib.format_table(result))
     print(

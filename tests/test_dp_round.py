@@ -73,6 +73,7 @@ def test_dp_config_errors_name_the_field(small_corpus, tmp_path):
         (dict(clip_norm=0.0), "dp.clip_norm must be > 0"),
         (dict(noise_multiplier=0.0), "noise_multiplier > 0 or target_epsilon > 0"),
         (dict(mode="distributed"), "needs secure aggregation"),
+        (dict(adaptive_clip=True, target_quantile=1.5), "target_quantile must be in"),
         (dict(mode="local"), "dp.mode must be"),
     ):
         config = dp_config(small_corpus, tmp_path, **change)
@@ -84,13 +85,54 @@ def test_dp_config_errors_name_the_field(small_corpus, tmp_path):
         config_lib.validate(config)
 
 
+def test_adaptive_clip_moves_toward_the_target_quantile_and_keeps_the_accounted_sigma(small_corpus, tmp_path):
+    from fedjax_lm import dp_round
+
+    config = dp_config(
+        small_corpus, tmp_path, noise_multiplier=0.5, adaptive_clip=True, indicator_noise_std=1.0
+    )
+    rdp = federation.Federation(config, SILOS).dp_round
+    # the update is noised with z = (σ^-2 - (2σ_b)^-2)^-1/2 so that update + indicator is one Gaussian(σ)
+    assert rdp.update_noise_multiplier == pytest.approx((0.5**-2 - 2.0**-2) ** -0.5)
+    assert rdp.noise_multiplier == 0.5 and rdp.noise_std(2.0) == pytest.approx(
+        rdp.update_noise_multiplier * 2 / 3
+    )
+    quiet = dp_config(
+        small_corpus, tmp_path, noise_multiplier=1e-4, adaptive_clip=True, indicator_noise_std=1e-3
+    )
+    rdp = federation.Federation(quiet, SILOS).dp_round
+    grow = rdp.next_clip(1.0, {"code": 5.0, "lines": 6.0, "prose": 7.0}, 0, b"s" * 32)  # all clipped: b = 0
+    shrink = rdp.next_clip(1.0, {"code": 0.1, "lines": 0.2, "prose": 0.3}, 0, b"s" * 32)  # none: b = 1
+    assert grow == pytest.approx(np.exp(0.2 * 0.5), rel=1e-3) and shrink == pytest.approx(
+        np.exp(-0.2 * 0.5), rel=1e-3
+    )
+    assert dp_round.clip_of({"dp_clip_norm": 0.7}, 1.0) == 0.7 and dp_round.clip_of({}, 1.0) == 1.0
+    with pytest.raises(ValueError, match="indicator_noise_std: adaptive clipping with noise multiplier 2.0"):
+        federation.Federation(
+            dp_config(small_corpus, tmp_path, noise_multiplier=2.0, adaptive_clip=True), SILOS
+        )
+    # a simulation carries C from round to round (and through a resume) as the rows say
+    summary = simulation.train(quiet, str(tmp_path / "adaptive"))
+    rows = [json.loads(line) for line in open(tmp_path / "adaptive" / "metrics" / "rounds.jsonl")]
+    for row, nxt in zip(rows, rows[1:] + [None]):
+        norms = [v for k, v in row.items() if k.startswith("update_norm/")]
+        frac = np.mean([n <= row["dp_clip_norm"] for n in norms])
+        want = row["dp_clip_norm"] * np.exp(-0.2 * (frac - 0.5))
+        got = nxt["dp_clip_norm"] if nxt else summary["privacy"]["final_clip_norm"]
+        assert got == pytest.approx(want, rel=1e-3)
+    assert len({r["dp_clip_norm"] for r in rows}) == 3  # it moved every round
+
+
 @pytest.mark.multiprocess
 def test_a_dp_deployment_equals_the_simulation_and_stops_at_the_budget(small_corpus, tmp_path):
     """Central DP with the same noise secret: the deployment adds the same noise as the simulation
     (clip bound above every norm, so both drivers scale by exactly 1) and both stop where the
     budget says; the silos stop at the final global."""
     config, spec = make_config(small_corpus, tmp_path, rounds=3, signed=True)
-    config.federation.dp.update(dict(mode="central", clip_norm=1e3, noise_multiplier=1e-7))  # std 3e-5
+    # std 3e-5; adaptive clipping moves C round by round (the aggregator publishes it with each global)
+    config.federation.dp.update(
+        dict(mode="central", clip_norm=1e3, noise_multiplier=1e-7, adaptive_clip=True)
+    )
     eps = [privacy.PrivacyAccountant(1e-7, 1.0, 1e-5, "rdp").epsilon_after(n) for n in (2, 3)]
     config.federation.dp.epsilon_budget = (eps[0] + eps[1]) / 2
     path = tmp_path / "config.json"
@@ -116,3 +158,9 @@ def test_a_dp_deployment_equals_the_simulation_and_stops_at_the_budget(small_cor
     assert summary["privacy"]["rounds"] == 2 and summary["privacy"]["stopped_by_budget"]
     sim = assert_equals_simulation(config, tmp_path, got)
     assert sim["privacy"]["epsilon"] == summary["privacy"]["epsilon"]
+    clips = [
+        [json.loads(line)["dp_clip_norm"] for line in open(tmp_path / d / "metrics" / "rounds.jsonl")]
+        for d in ("agg", "sim")
+    ]
+    assert clips[0] == clips[1] and clips[0][0] == 1e3 and clips[0][1] != 1e3
+    assert summary["privacy"]["final_clip_norm"] == sim["privacy"]["final_clip_norm"]

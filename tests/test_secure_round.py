@@ -41,6 +41,10 @@ def test_secagg_config_errors_name_the_field(small_corpus, tmp_path):
         (dict(clip_norm_ratio=2.0), "clip_norm_ratio=2.0 checks each update's norm"),
         (dict(aggregate_inner_moments=True), "aggregate_inner_moments"),
         ({"secagg.bound": 0.0}, "secagg.bound: give the L-infinity bound"),
+        (
+            {"dp.mode": "central", "dp.clip_norm": 1.0, "dp.noise_multiplier": 1.0, "dp.adaptive_clip": True},
+            "adaptive_clip needs each update's norm at the aggregator",
+        ),
         ({"secagg.threshold": 1}, "secagg.threshold must be 0"),
         ({"secagg.ring_bits": 16}, "secagg.ring_bits must be one of"),
         (

@@ -14,6 +14,7 @@ import ml_collections
 
 from fedjax_lm import config as config_lib
 from fedjax_lm import data as data_lib
+from fedjax_lm import dp_round
 from fedjax_lm import evaluate as eval_lib
 from fedjax_lm import federation as fed_lib
 from fedjax_lm import identity
@@ -236,7 +237,10 @@ class Aggregator:
             manifests.pop(silo)
             rejected[silo] = str(store_lib.UpdateRejected(silo, r, reason))
             log("aggregator", f"REJECTED {rejected[silo]}")
-        server, diag, clipped = self._aggregate(r, server, manifests, rejected)
+        clip = dp_round.clip_of(
+            meta, self.fed.dp_round.initial_clip
+        )  # adaptive clipping: published with global/r
+        server, diag, clipped = self._aggregate(r, server, manifests, rejected, clip)
         self.deadlines.observe(
             [m["finished_at"] - meta["published_at"] for m in manifests.values() if "finished_at" in m]
         )
@@ -252,11 +256,14 @@ class Aggregator:
             ignored_late=late,
             silo_seconds={s: m.get("finished_at", 0) - meta["published_at"] for s, m in manifests.items()},
             update_norms={s: m["validation"]["norm"] for s, m in manifests.items()},  # as validated
-            **self.fed.privacy_fields(r + 1, clipped),
+            **self.fed.privacy_fields(r + 1, clipped, clip),
         )
+        if self.fed.dp_round.adaptive is not None:
+            norms = {s: m["validation"]["norm"] for s, m in manifests.items()}
+            row["dp_next_clip_norm"] = self.fed.dp_round.next_clip(clip, norms, r, self._noise_secret())
         return server, row
 
-    def _aggregate(self, r: int, server: outer.OuterState, manifests: dict, rejected: dict):
+    def _aggregate(self, r: int, server: outer.OuterState, manifests: dict, rejected: dict, clip: float):
         """The outer step on the streamed aggregate of the accepted updates (weights decided here;
         `federation.aggregation`: the token-weighted mean, or the median / trimmed mean of
         `fedjax_lm.robust`). Data is re-hashed while it is read: an update changed since validation,
@@ -265,6 +272,7 @@ class Aggregator:
             weights, factor, clipped = self.fed.server_weights(
                 {s: m["tokens"] for s, m in manifests.items()},
                 {s: m["validation"]["norm"] for s, m in manifests.items()},
+                clip,
             )
             try:
                 mean = store_lib.aggregate.stream_aggregate(
@@ -286,7 +294,7 @@ class Aggregator:
                 log("aggregator", f"round {r}: {e}")
                 break
             mean = jax.device_put(mean, self.fed.silo.param_shardings)
-            mean = self.fed.finish_aggregate(mean, factor, r, self._noise_secret())
+            mean = self.fed.finish_aggregate(mean, factor, r, self._noise_secret(), clip)
             server, diag = self.fed.step(server, mean)
             if "skipped" in diag:
                 log("aggregator", f"round {r}: {diag['skipped']}")
@@ -421,7 +429,7 @@ class Aggregator:
             r = self._start_or_resume()
             writer = monitor.MetricWriter(self.workdir)
             writer.truncate("rounds", keep_below=r)  # a crash between the row and the publish
-            last = self.fed.privacy_rounds()  # federation.rounds, or fewer under a DP budget
+            last = self.fed.dp_round.rounds_allowed()  # federation.rounds, or fewer under a DP budget
             if last < self.fed.rounds:
                 log("aggregator", f"the privacy budget allows {last} of {self.fed.rounds} rounds")
             while r < last:
@@ -451,6 +459,8 @@ class Aggregator:
                     log("aggregator", f"pausing before publishing global/{r + 1} for {pause}s")
                     time.sleep(pause)
                 extra = {"closed": r, "accepted": row["accepted"], "rejected": row["rejected"]}
+                if "dp_next_clip_norm" in row:
+                    extra["dp_clip_norm"] = row["dp_next_clip_norm"]  # signed with the rest of the meta
                 if r + 1 == last < self.fed.rounds:
                     extra["final"] = "privacy budget"  # silos stop at a final global
                 self._publish(r + 1, server, {**extra, "comm": self.ledger.rounds[-1]}, lock=lock)
@@ -505,7 +515,8 @@ class Aggregator:
             "communication": self.ledger.totals(),
         }
         if self.fed.dp_on:
-            summary["privacy"] = self.fed.privacy_summary(last)
+            clip = dp_round.clip_of(self.store.read_global_meta(last), self.fed.dp_round.initial_clip)
+            summary["privacy"] = self.fed.dp_round.summary(last, clip)
         if self._eval_sets() is not None:
             summary["val"] = eval_lib.evaluate(self.fed.silo, server.params, self._eval_sets())
             print(eval_lib.format_table(summary["val"]))
