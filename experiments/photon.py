@@ -74,18 +74,19 @@ def sweep_outer(add, base):
 
 def sweep_heterogeneity(add, base):
     """Natural silos (one per source) vs iid vs Dirichlet(alpha) mixtures of the sources, same silo
-    count. Each partition is its own corpus folder beside the base's (the natural one is shared with
-    every other run); its validation sets are its silos' own, so the pooled perplexities compare
-    held-out text of the same sources, split differently."""
+    count, each with its centralized twin. Each partition is its own corpus folder beside the base's
+    (the natural one is shared with every other run)."""
     corpus = base.data.corpus_dir
-    add(name="natural", partition="natural")
-    add(name="iid", partition="iid", **{"data.corpus_dir": f"{corpus}-iid"})
+    partitions = [("natural", "natural", {}), ("iid", "iid", {"data.corpus_dir": f"{corpus}-iid"})]
     for alpha in (0.1, 1.0):
-        add(
-            name=f"dirichlet-{alpha:g}",
-            partition="dirichlet",
-            **{"data.dirichlet_alpha": alpha, "data.corpus_dir": f"{corpus}-dirichlet-{alpha:g}"},
-        )
+        extra = {"data.dirichlet_alpha": alpha, "data.corpus_dir": f"{corpus}-dirichlet-{alpha:g}"}
+        partitions.append((f"dirichlet-{alpha:g}", "dirichlet", extra))
+    for name, partition, extra in partitions:
+        add(name=name, partition=partition, **extra)
+    # Each partition's validation sets are its own silos' (other documents held out), so perplexities
+    # compare across partitions only through each one's centralized twin on the same corpus.
+    for name, partition, extra in partitions:
+        add(name=f"{name}-centralized", partition=partition, recipe="centralized", **extra)
 
 
 def sweep_batch_lr(add, base):
