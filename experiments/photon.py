@@ -100,18 +100,23 @@ def sweep_batch_lr(add, base):
 
 
 def sweep_compression(add, base):
-    """Upload encoding none / bf16 / int8, with and without error feedback, at H=32 and H=128 (the
-    base's token budget): the perplexity cost of each next to its traffic ratio vs data-parallel."""
+    """Upload encoding none / bf16 / int8 (int8 with and without error feedback), and the compressed
+    download (the global sent as an int8 or bf16 delta, fedjax_lm/download.py) with int8 uploads, at
+    H=32 and H=128 (the base's token budget): the perplexity cost of each next to its traffic ratio
+    vs data-parallel, both directions counted."""
     steps = _local_steps(base)
     for h in (32, 128):
-        for method, feedback in (
-            ("none", False),
-            ("bf16", True),
-            ("bf16", False),
-            ("int8", True),
-            ("int8", False),
-        ):
-            add(compression=method, H=h, rounds=max(1, steps // h), **{"federation.error_feedback": feedback})
+        rounds = max(1, steps // h)
+        for method, feedback in (("none", False), ("bf16", True), ("int8", True), ("int8", False)):
+            add(compression=method, H=h, rounds=rounds, **{"federation.error_feedback": feedback})
+        for down in ("int8", "bf16"):
+            add(
+                name=f"H{h}-int8-down-{down}",
+                compression="int8",
+                H=h,
+                rounds=rounds,
+                **{"federation.error_feedback": True, "federation.download_compression": down},
+            )
 
 
 def sweep_long(add, base):

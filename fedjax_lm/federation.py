@@ -35,6 +35,7 @@ from jax.sharding import Mesh
 
 from fedjax_lm import compression
 from fedjax_lm import diagnostics
+from fedjax_lm import download
 from fedjax_lm import dp_round
 from fedjax_lm import model as model_lib
 from fedjax_lm import monitor
@@ -59,6 +60,7 @@ def default_federation_config() -> ml_collections.ConfigDict:
             inner_state="keep",  # "keep" the silo's AdamW moments across rounds, or "reset" them
             aggregate_inner_moments=False,  # Photon's option: average inner moments across silos too
             compression="int8",  # upload encoding of Δ: "none" | "bf16" | "int8"
+            download_compression="none",  # the global sent as a compressed delta (fedjax_lm/download.py)
             block_size=256,
             error_feedback=True,
             max_update_norm=0.0,  # reject a pseudo-gradient whose global L2 norm exceeds this (0: off)
@@ -125,6 +127,14 @@ def check_config(fed: Mapping[str, Any]) -> None:
     if fed["inner_state"] not in INNER_STATE_MODES:
         raise ValueError(
             f"federation.inner_state must be one of {INNER_STATE_MODES}, got {fed['inner_state']!r}"
+        )
+    if fed["download_compression"] not in compression.METHODS:
+        raise ValueError(
+            f"federation.download_compression must be one of {compression.METHODS}, got {fed['download_compression']!r}"
+        )
+    if fed["download_compression"] != "none" and fed["secagg"]["enabled"]:
+        raise ValueError(
+            "federation.download_compression with secure aggregation is not supported yet; set it to 'none'"
         )
     if fed["compression"] not in compression.METHODS:
         raise ValueError(
@@ -258,6 +268,7 @@ class Federation:
             lambda p: compression.compress(p, None, self.method, self.block_size)[0], s.abstract_params
         )
         self.param_bytes = compression.raw_nbytes(s.abstract_params)
+        self.downloads = download.Downloads(str(fed.download_compression), self.block_size, s.abstract_params)
         self.secure: secure.SecureSum | None = None
         self.upload_method = self.method
         if fed.secagg.enabled:  # uploads are masked ring words, one per parameter
@@ -486,17 +497,19 @@ class Federation:
         diag: Mapping[str, Any],
         *,
         update_norms: Mapping[str, float] | None = None,
+        down_bytes: Mapping[str, int] | None = None,
         **extra,
     ) -> dict[str, Any]:
         """The round's metrics row; `accepted` maps silo -> {tokens (its weight), loss (or None)}.
 
-        `update_norms` (silo -> L2 norm of its decoded upload, accepted or not) become
+        `down_bytes` (silo -> bytes it downloaded this round; default: the f32 model for each accepted
+        silo) go to the ledger. `update_norms` (silo -> L2 norm of its decoded upload, accepted or not) become
         `update_norm/<silo>`; `extra` is merged as is (e.g. `update_diagnostics`' fields).
         """
         tokens = {s: float(a["tokens"]) for s, a in accepted.items()}
         comm = ledger.record_round(
             r,
-            down={s: self.param_bytes for s in accepted},
+            down=dict(down_bytes) if down_bytes is not None else {s: self.param_bytes for s in accepted},
             up={s: self.payload_bytes for s in accepted},
             dp_equivalent=monitor.dp_allreduce_bytes(self.param_bytes, self.H, len(accepted)),
         )

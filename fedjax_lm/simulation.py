@@ -63,9 +63,15 @@ class Simulation:
         self._jit_par = None
         self.noise_secret: bytes | None = None  # DP: the noise adders' secret (runs.noise_secret)
         self.clip_norm = self.fed.dp_round.initial_clip  # DP: this round's C (adaptive clipping moves it)
+        # Compressed download (fedjax_lm/download.py): the copy silos train from, and the round whose copy
+        # each silo holds (what its next download costs).
+        self.broadcast = None
+        self.held: dict[str, int] = {}
 
     def init(self, seed: int) -> tuple[outer.OuterState, dict[str, SiloPrivate]]:
         server = self.fed.init_server(seed)
+        if self.fed.downloads.on:
+            self.broadcast = server.params
         privates = {
             n: SiloPrivate(
                 self.fed.fresh_private(server.params), select.silo_iterator(self.corpus, n, self.config)
@@ -75,13 +81,14 @@ class Simulation:
         return server, privates
 
     # -- one round -----------------------------------------------------------------------------
-    def run_clients(self, server, privates: Mapping[str, SiloPrivate], sampled: Sequence[str], r: int):
+    def run_clients(self, params, privates: Mapping[str, SiloPrivate], sampled: Sequence[str], r: int):
+        """The sampled silos' rounds from `params` (the global, or its broadcast copy)."""
         batches = {n: select.next_batches(privates[n].iterator, self.fed.H) for n in sampled}
         if self.fed.fed.parallel:
-            return self._run_parallel(server, privates, sampled, r, batches)
+            return self._run_parallel(params, privates, sampled, r, batches)
         return {
             n: self.fed.train_silo(
-                server.params,
+                params,
                 privates[n].arrays,
                 batches[n],
                 r,
@@ -92,7 +99,7 @@ class Simulation:
             for n in sampled
         }
 
-    def _run_parallel(self, server, privates, sampled, r, batches) -> dict[str, fed_lib.ClientOutput]:
+    def _run_parallel(self, params, privates, sampled, r, batches) -> dict[str, fed_lib.ClientOutput]:
         """The K sampled silos as one vmapped `client_round` over a leading silo axis."""
         f, s = self.fed, self.fed.silo
         devices = jax.devices()
@@ -114,7 +121,7 @@ class Simulation:
         bat = {
             k: jax.device_put(np.stack([batches[n][k] for n in sampled]), lead) for k in batches[sampled[0]]
         }
-        params = jax.device_put(jax.device_get(server.params), rep)
+        params = jax.device_put(jax.device_get(params), rep)
         if self._jit_par is None:
             client = f.client_round_fn()
             in_axes = (None, 0 if opt is not None else None, 0 if err is not None else None, None, 0)
@@ -135,7 +142,8 @@ class Simulation:
         f = self.fed
         sampled = f.sample(r)
         with timer.phase("local_train"):
-            outs = self.run_clients(server, privates, sampled, r)
+            start = server.params if self.broadcast is None else self.broadcast
+            outs = self.run_clients(start, privates, sampled, r)
             jax.block_until_ready(outs)
         if f.secure is not None:
             return self._secure_round(server, privates, outs, sampled, r, timer, ledger)
@@ -172,6 +180,10 @@ class Simulation:
             geometry = f.update_diagnostics({n: (outs[n].payload, accepted[n]["tokens"]) for n in accepted})
         self._advance(privates, outs, sampled)
         self.clip_norm = f.dp_round.next_clip(clip, {n: norms[n] for n in accepted}, r, self.noise_secret)
+        down = f.downloads.costs(self.held, accepted, r)  # counted for accepted silos, as a deployment does
+        self.held.update({n: r for n in sampled})
+        if self.broadcast is not None:
+            self.broadcast = f.downloads.next_broadcast(self.broadcast, server.params)
         if f.fed.aggregate_inner_moments and accepted:
             shared = f.shared_moments((outs[n].opt_state, accepted[n]["tokens"]) for n in accepted)
             for p in privates.values():
@@ -185,6 +197,7 @@ class Simulation:
             update_norms=norms,
             **geometry,
             **f.privacy_fields(r + 1, clipped, clip),
+            down_bytes=down,
         )
 
     def _advance(self, privates, outs, sampled) -> None:
@@ -237,12 +250,15 @@ class Simulation:
         )
 
 
-def _checkpoint_items(server, privates) -> dict[str, Any]:
-    return {
+def _checkpoint_items(server, privates, broadcast=None) -> dict[str, Any]:
+    items = {
         "params": server.params,
         "outer": {"opt_state": server.opt_state, "round": server.round},
         "silos": {n: p.arrays for n, p in privates.items()},
     }
+    if broadcast is not None:
+        items["broadcast"] = broadcast
+    return items
 
 
 def train(
@@ -267,7 +283,11 @@ def train(
     ledger = monitor.CommLedger()
     start = ckpt.latest_step() or 0
     if start:
-        items, meta = ckpt.restore(start, jax.tree.map(_abstract, _checkpoint_items(server, privates)))
+        items, meta = ckpt.restore(
+            start, jax.tree.map(_abstract, _checkpoint_items(server, privates, sim.broadcast))
+        )
+        sim.broadcast = items.get("broadcast")
+        sim.held = dict(meta.get("held", {}))
         server = outer.OuterState(items["params"], items["outer"]["opt_state"], items["outer"]["round"])
         for n, p in privates.items():
             p.arrays = items["silos"][n]
@@ -322,9 +342,10 @@ def train(
                 "iterators": {n: p.iterator.get_state() for n, p in privates.items()},
                 "ledger": ledger.rounds,
                 "dp_clip_norm": sim.clip_norm,  # the next round's C (adaptive clipping)
+                "held": sim.held,  # compressed download: the round whose copy each silo holds
                 "round": r + 1,
             }
-            ckpt.save(r + 1, _checkpoint_items(server, privates), meta)
+            ckpt.save(r + 1, _checkpoint_items(server, privates, sim.broadcast), meta)
     ckpt.close()
     if end < last:
         writer.close()
