@@ -116,6 +116,29 @@ def from_json_dict(obj: Mapping[str, Any]) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(obj)
 
 
+def with_new_defaults(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored config (run.json's, or a store's shared config) with the federation fields added since it
+    was written set to their defaults: what it means to the current code. Comparing this, not the raw
+    JSON, lets a run or a store written by an older version resume when only defaults were added."""
+    from fedjax_lm import federation
+
+    out = dict(obj)
+    if isinstance(out.get("federation"), dict):
+        defaults = federation.default_federation_config().to_dict()
+        if "deploy" not in out["federation"]:  # a store's shared config leaves deploy out
+            defaults.pop("deploy")
+        out["federation"] = _lists(_with_defaults(defaults, out["federation"]))
+    return out
+
+
+def _lists(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _lists(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_lists(v) for v in x]
+    return x
+
+
 def _with_defaults(defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
     out = dict(given)
     for key, value in defaults.items():

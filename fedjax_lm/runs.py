@@ -131,7 +131,9 @@ def open_workdir(
             raise ConfigMismatch(
                 f"{workdir} holds a {previous['kind']} run; this command starts a {kind} run: use another --workdir"
             )
-        diff = config_diff(previous["config"], cfg)
+        from fedjax_lm import config as config_lib
+
+        diff = config_diff(config_lib.with_new_defaults(previous["config"]), cfg)
         if diff and not allow_config_change:
             raise ConfigMismatch(
                 f"{workdir} was started with another config ({len(diff)} fields differ: {'; '.join(diff[:6])}"

@@ -35,6 +35,26 @@ def test_rerunning_a_workdir_with_another_config_is_refused(small_corpus, tmp_pa
     assert run["fingerprint"] == runs.fingerprint(changed)
 
 
+def test_a_run_written_before_fields_were_added_resumes_unless_one_really_differs(small_corpus, tmp_path):
+    """An older version's run.json lacks the federation fields added since (secagg, download compression,
+    adaptive clipping): at their defaults they change nothing, so the run resumes; a real change is named."""
+    work = str(tmp_path / "w")
+    runs.open_workdir(work, fed_config(small_corpus), "federated")
+    path = tmp_path / "w" / "run.json"
+    old = json.loads(path.read_text())
+    del old["config"]["federation"]["secagg"], old["config"]["federation"]["download_compression"]
+    del old["config"]["federation"]["dp"]["adaptive_clip"]
+    path.write_text(json.dumps(old))
+    runs.open_workdir(work, fed_config(small_corpus), "federated")  # resumes
+    path.write_text(json.dumps(old))
+    changed = fed_config(small_corpus)
+    changed.federation.download_compression = "int8"
+    with pytest.raises(
+        runs.ConfigMismatch, match=r"1 fields differ: federation.download_compression: 'none' -> 'int8'"
+    ):
+        runs.open_workdir(work, changed, "federated")
+
+
 def test_a_damaged_run_json_is_named(tmp_path):
     (tmp_path / "run.json").write_text("{not json")
     with pytest.raises(ValueError, match="run.json is not valid JSON"):
@@ -75,3 +95,19 @@ def test_a_deployment_refuses_simulation_only_options(small_corpus, field):
     with pytest.raises(ValueError, match=f"federation.{field}"):
         deploy.check_deployable(c)
     deploy.check_deployable(fed_config(small_corpus))  # the default config deploys
+
+
+def test_a_store_written_before_fields_were_added_accepts_the_same_federation(small_corpus, tmp_path):
+    from fedjax_lm import store as store_lib
+    from fedjax_lm.deploy import common
+
+    config = fed_config(small_corpus)
+    shared = common.shared_config(config)
+    del shared["federation"]["secagg"], shared["federation"]["dp"]["adaptive_clip"]
+    store = store_lib.Store(str(tmp_path / "store"))
+    store.write_run({"shared_config": shared, "fingerprint": runs.fingerprint(shared)})
+    common.check_store_run(store, config, "silo a")  # only defaults were added: the same federation
+    config.federation.secagg.update(dict(enabled=True, bound=0.1))
+    config.federation.update(dict(compression="none", max_update_norm_ratio=0.0))
+    with pytest.raises(runs.ConfigMismatch, match="federation.secagg.enabled: False -> True"):
+        common.check_store_run(store, config, "silo a")

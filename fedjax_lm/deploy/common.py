@@ -12,6 +12,7 @@ import ml_collections
 
 from fedjax_lm import data as data_lib
 from fedjax_lm import federation as fed_lib
+from fedjax_lm import config as config_lib
 from fedjax_lm import identity
 from fedjax_lm import outer
 from fedjax_lm import runs
@@ -105,7 +106,9 @@ def check_store_run(
     run = store.read_run()
     mine = shared_config(config)
     if run.get("fingerprint") != runs.fingerprint(mine):
-        diff = runs.config_diff(run.get("shared_config", {}), mine)
+        # a store written before fields were added: only a real difference refuses this process
+        diff = runs.config_diff(config_lib.with_new_defaults(run.get("shared_config", {})), mine)
+    if run.get("fingerprint") != runs.fingerprint(mine) and diff:
         raise runs.ConfigMismatch(
             f"{role}: the store {store.root} belongs to a federation with another config "
             f"({'; '.join(diff[:6]) or 'fingerprint differs'}); use the federation's config or another store"
