@@ -101,6 +101,16 @@ def config_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     return out
 
 
+def stored_config_diff(
+    stored: Mapping[str, Any], config: ml_collections.ConfigDict | Mapping[str, Any]
+) -> list[str]:
+    """`config_diff` of a run.json's config (fields added since it was written at their defaults) and
+    `config`: empty when resuming that run with `config` changes nothing."""
+    from fedjax_lm import config as config_lib
+
+    return config_diff(config_lib.with_new_defaults(stored), config)
+
+
 def read_run(workdir: str) -> dict[str, Any] | None:
     path = os.path.join(workdir, RUN_JSON)
     if not os.path.exists(path):
@@ -131,9 +141,7 @@ def open_workdir(
             raise ConfigMismatch(
                 f"{workdir} holds a {previous['kind']} run; this command starts a {kind} run: use another --workdir"
             )
-        from fedjax_lm import config as config_lib
-
-        diff = config_diff(config_lib.with_new_defaults(previous["config"]), cfg)
+        diff = stored_config_diff(previous["config"], cfg)
         if diff and not allow_config_change:
             raise ConfigMismatch(
                 f"{workdir} was started with another config ({len(diff)} fields differ: {'; '.join(diff[:6])}"

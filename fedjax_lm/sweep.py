@@ -362,14 +362,14 @@ def planned_tokens(config: ml_collections.ConfigDict) -> int:
 
 
 def finished(point: Point, workdir: str) -> bool:
-    """summary.json is there and run.json holds this point's config."""
+    """summary.json is there and run.json holds this point's config (fields added since at their defaults)."""
     if not os.path.exists(os.path.join(workdir, "summary.json")):
         return False
     try:
         run = runs.read_run(workdir)
     except ValueError:
         return False
-    return run is not None and run.get("fingerprint") == runs.fingerprint(point.config)
+    return run is not None and not runs.stored_config_diff(run["config"], point.config)
 
 
 def train_point(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 per-round update diagnostics of the one-process simulation."""
 
 import csv
+import json
 import math
 import os
 import shlex
@@ -15,6 +16,7 @@ import pytest
 from fedjax_lm import compression
 from fedjax_lm import config as config_lib
 from fedjax_lm import monitor
+from fedjax_lm import runs
 from fedjax_lm import simulation
 from fedjax_lm import sweep as sweep_lib
 from fedjax_lm.data import Corpus
@@ -219,3 +221,20 @@ def test_rounds_carry_update_norms_and_cosines(small_corpus):
     assert d["update_cos_mean"] == pytest.approx(-1.0, abs=1e-5)
     assert d["update_norm_of_mean"] < 1e-3 * d["update_mean_of_norms"]
     assert np.isfinite(d["update_norm_ratio"])
+
+
+def test_a_point_finished_by_an_older_version_is_still_finished(spec, tmp_path):
+    """Fields added to the config since a point ran take their defaults: the point is not re-run."""
+    point = next(
+        p for p in sweep_lib.build(spec, "twin", config_lib.load_config(spec)) if p.kind == "federated"
+    )
+    work = tmp_path / point.name
+    os.makedirs(work)
+    (work / "summary.json").write_text("{}")
+    cfg = runs.config_dict(point.config)
+    del cfg["federation"]["secagg"], cfg["federation"]["download_compression"]
+    (work / "run.json").write_text(json.dumps({"kind": "federated", "config": cfg, "fingerprint": "old"}))
+    assert sweep_lib.finished(point, str(work))
+    cfg["federation"]["local_steps"] += 1
+    (work / "run.json").write_text(json.dumps({"kind": "federated", "config": cfg, "fingerprint": "old"}))
+    assert not sweep_lib.finished(point, str(work))
