@@ -29,11 +29,28 @@ class ClientOutput:
 
 
 def client_init(global_params, opt_state, step0, *, tx: optax.GradientTransformation, reset_opt: bool):
-    """The silo's starting state: fresh copies (the later steps donate their input buffers)."""
+    """The silo's starting state: fresh copies (the later steps donate their input buffers), with the
+    learning-rate schedule at the federation's step (`at_step`)."""
     if reset_opt:
         opt_state = tx.init(global_params)
     params = jax.tree.map(jnp.copy, global_params)
-    return TrainState(step=step0, params=params, opt_state=jax.tree.map(jnp.copy, opt_state))
+    return TrainState(step=step0, params=params, opt_state=at_step(jax.tree.map(jnp.copy, opt_state), step0))
+
+
+def _is_schedule(s: Any) -> bool:
+    return isinstance(s, optax.ScaleByScheduleState)
+
+
+def at_step(opt_state, step):
+    """The optimizer state with its schedule's count set to `step` (round × H): a silo that skipped
+    rounds, or resets its moments every round, continues the schedule where the federation is instead of
+    restarting its warm-up. Only the schedule's count moves: Adam's own count (its bias correction)
+    stays the number of steps its moments have seen."""
+    return jax.tree.map(
+        lambda s: s._replace(count=jnp.asarray(step, s.count.dtype)) if _is_schedule(s) else s,
+        opt_state,
+        is_leaf=_is_schedule,
+    )
 
 
 def client_final(global_params, local_params, error, *, method: str, block_size: int):

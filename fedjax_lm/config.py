@@ -113,6 +113,10 @@ def from_json_dict(obj: Mapping[str, Any]) -> ml_collections.ConfigDict:
         obj["federation"] = _with_defaults(
             federation.default_federation_config().to_dict(), obj["federation"]
         )
+    if isinstance(obj.get("optim"), dict):
+        from fedjax_lm import optim
+
+        obj["optim"] = _with_defaults(optim.default_optim_config().to_dict(), obj["optim"])
     return ml_collections.ConfigDict(obj)
 
 
@@ -122,12 +126,16 @@ def with_new_defaults(obj: Mapping[str, Any]) -> dict[str, Any]:
     JSON, lets a run or a store written by an older version resume when only defaults were added."""
     from fedjax_lm import federation
 
+    from fedjax_lm import optim
+
     out = dict(obj)
     if isinstance(out.get("federation"), dict):
         defaults = federation.default_federation_config().to_dict()
         if "deploy" not in out["federation"]:  # a store's shared config leaves deploy out
             defaults.pop("deploy")
         out["federation"] = _lists(_with_defaults(defaults, out["federation"]))
+    if isinstance(out.get("optim"), dict):
+        out["optim"] = _lists(_with_defaults(optim.default_optim_config().to_dict(), out["optim"]))
     return out
 
 

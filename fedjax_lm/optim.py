@@ -1,4 +1,10 @@
-"""The inner (silo) optimizer: AdamW with linear warm-up, cosine decay and global-norm clipping."""
+"""The inner (silo) optimizer: AdamW (or plain SGD) with linear warm-up, cosine decay and global-norm clipping.
+
+SGD is there for a check more than for training: with it, H = 1, FedAvg (outer lr 1) and uncompressed
+updates, a round is exactly one data-parallel SGD step on the silos' batches together (the mean of
+the silos' lr·g_k is lr times the gradient of the pooled batch), which tests/test_federation.py
+verifies; AdamW normalises each silo's gradient by its own moments, so it has no such identity.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ import ml_collections
 import optax
 
 _FIELDS = {
+    "name",
     "lr",
     "warmup_steps",
     "decay_steps",
@@ -27,6 +34,7 @@ _FIELDS = {
 def default_optim_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(
         dict(
+            name="adamw",  # "adamw" | "sgd" (decoupled weight decay in both)
             lr=3e-3,
             schedule="cosine",  # "cosine" | "constant"
             warmup_steps=20,
@@ -46,6 +54,8 @@ def check_config(cfg: Mapping[str, Any]) -> None:
     unknown = set(cfg) - _FIELDS
     if unknown:
         raise ValueError(f"optim config has unknown fields {sorted(unknown)}; valid: {sorted(_FIELDS)}")
+    if cfg.get("name", "adamw") not in ("adamw", "sgd"):
+        raise ValueError(f"optim.name must be 'adamw' or 'sgd', got {cfg['name']!r}")
     if cfg["lr"] <= 0:
         raise ValueError(f"optim.lr must be positive, got {cfg['lr']}")
     if cfg["grad_accum"] < 1:
@@ -83,11 +93,15 @@ def _decay_mask(params: Any) -> Any:
 def make_optimizer(
     cfg: Mapping[str, Any], total_steps: int
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW (+ clipping) with the schedule; returns (tx, schedule) so the lr can be logged."""
+    """AdamW or SGD (+ clipping) with the schedule; returns (tx, schedule) so the lr can be logged."""
     schedule = make_schedule(cfg, total_steps)
     parts = []
     if cfg["clip_norm"] and cfg["clip_norm"] > 0:
         parts.append(optax.clip_by_global_norm(cfg["clip_norm"]))
+    if cfg.get("name", "adamw") == "sgd":  # -lr * (g + wd * p), as AdamW decouples its decay
+        parts.append(optax.add_decayed_weights(cfg["weight_decay"], mask=_decay_mask))
+        parts.append(optax.sgd(schedule))
+        return optax.chain(*parts), schedule
     parts.append(
         optax.adamw(
             schedule,

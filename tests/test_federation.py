@@ -5,6 +5,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from fedjax_lm import compression
@@ -76,6 +77,63 @@ def test_one_silo_H1_fedavg_equals_one_centralized_step():
         for a, b in zip(jax.tree.leaves(params0), jax.tree.leaves(jax.device_get(central.params)))
     )
     assert moved > 1e-4
+
+
+def test_three_silos_H1_sgd_fedavg_equal_data_parallel_sgd_on_their_batches_together():
+    """Issue 9, question 1: with SGD inside, H = 1, FedAvg (outer lr 1) and uncompressed updates, each
+    round is exactly one data-parallel step on the K silos' batches stacked into one (the mean of lr·g_k
+    is lr times the gradient of the pooled batch); two rounds, and weight decay on the matrices."""
+    c = optim.default_optim_config()
+    c.update(dict(name="sgd", lr=0.5, warmup_steps=0, clip_norm=0.0, weight_decay=0.1))
+    tx, sched = optim.make_optimizer(c, 2)
+    mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, (1, 1, 1))), devices=jax.devices()[:1])
+    silo = Silo(CFG, tx, mesh, schedule=sched)
+    state = silo.init_state(jax.random.key(0))
+    algo = outer.OuterAlgorithm(outer.default_outer_config("fedavg"))
+    server = algo.init(state.params)
+    client = _client(silo)
+    for r in range(2):
+        batches = [_batches(1, seed=10 * r + k) for k in range(3)]
+        outs = [
+            client(
+                server.params,
+                silo.fresh_opt_state(server.params),
+                None,
+                jnp.int32(r),
+                silo.put_batch(b, ndim=3),
+            )
+            for b in batches
+        ]
+        server = node.node_round(algo, server, [(o.payload, 64.0) for o in outs]).state
+        pooled = {k: np.concatenate([b[k][0] for b in batches]) for k in batches[0]}  # [3 x 4, L]
+        state, _ = silo.train_step(state, silo.put_batch(pooled))
+    fed, central = jax.device_get(server.params), jax.device_get(state.params)
+    for a, b in zip(jax.tree.leaves(fed), jax.tree.leaves(central)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    moved = max(
+        float(np.abs(a - b).max())
+        for a, b in zip(
+            jax.tree.leaves(fed), jax.tree.leaves(jax.device_get(silo.init_state(jax.random.key(0)).params))
+        )
+    )
+    assert moved > 1e-3
+
+
+def test_a_silo_starts_its_round_at_the_federations_point_of_the_schedule():
+    """A silo that skipped rounds, or resets its moments, continues the lr schedule at round x H (not
+    at its own step count); Adam's bias-correction count stays its own."""
+    silo = _silo(warmup=4)
+    params = silo.init_state(jax.random.key(0)).params
+    state = federation.client_init(
+        params, silo.fresh_opt_state(params), jnp.int32(6), tx=silo.tx, reset_opt=False
+    )
+    kinds = (optax.ScaleByAdamState, optax.ScaleByScheduleState)
+    counts = {
+        type(s).__name__: int(s.count)
+        for s in jax.tree.leaves(state.opt_state, is_leaf=lambda s: isinstance(s, kinds))
+        if isinstance(s, kinds)
+    }
+    assert counts == {"ScaleByAdamState": 0, "ScaleByScheduleState": 6}
 
 
 def test_token_weighting_in_the_round():
