@@ -193,7 +193,7 @@ def test_rounds_carry_update_norms_and_cosines(small_corpus):
     sim = simulation.Simulation(c, Corpus.load(small_corpus.corpus_dir), progress=False)
     server, privates = sim.init(0)
     f = sim.fed
-    outs = sim.run_clients(server, privates, f.names, 0)  # the round's payloads, to probe the helper
+    outs = sim.run_clients(server.params, privates, f.names, 0)  # the round's payloads, to probe the helper
     _, row = sim.round(*sim.init(0), 0, monitor.PhaseTimer(), monitor.CommLedger())
     for silo in ("code", "prose", "lines"):
         assert row[f"update_norm/{silo}"] > 0
