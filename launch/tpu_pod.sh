@@ -61,7 +61,7 @@ for spec in "${SILOS[@]}"; do
   run "${GC[@]}" compute tpus tpu-vm ssh "$vm" --zone "$ZONE" --worker=all \
     --command "$SETUP; ~/fedjax_venv/bin/pip install -q 'jax[tpu]==0.10.2'"
   run "${GC[@]}" compute tpus tpu-vm ssh "$vm" --zone "$ZONE" --worker=all \
-    --command "cd fedjax_lm && FEDJAX_DISTRIBUTED=1 nohup ~/fedjax_venv/bin/python -m fedjax_lm silo $ARGS --silo $name > silo-$name.log 2>&1 &"
+    --command "cd fedjax_lm && FEDJAX_DISTRIBUTED=1 nohup ~/fedjax_venv/bin/python -m fedjax_lm silo $ARGS --silo $name --workdir ~/fedjax_silo > silo-$name.log 2>&1 &"
 done
 
 run "${GC[@]}" compute ssh "$AGG" --zone "$ZONE" --command "$SETUP"
