@@ -85,7 +85,7 @@ hockey-stick divergence, quasi-convexity of the Rényi divergence), so the round
   accountant counts (each silo alone carries only σ/√t). `check_combination` therefore refuses
   distributed noise with a lossy compression: use "none" (f32) or secure aggregation's fixed-point
   ring, whose rounding (at most 2^-27 of the bound per coordinate for up to 16 silos,
-  `secagg.FixedPoint`) is treated like floating-point rounding below. Error feedback is then a
+  `ring.FixedPoint`) is treated like floating-point rounding below. Error feedback is then a
   no-op (the residual is exactly 0).
 
 Adaptive clipping (Andrew, Thakkar, McMahan, Ramaswamy, NeurIPS 2021)

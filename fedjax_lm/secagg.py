@@ -90,11 +90,8 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
-import math
 import os
-import secrets
-import statistics
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -106,11 +103,12 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from fedjax_lm import shamir
+from fedjax_lm.ring import FixedPoint, decode, encode, ring_sum
+from fedjax_lm.shamir import SEED_BYTES, Share
+
 PyTree = Any
 
-PRIME = 2**521 - 1  # Mersenne prime M521: GF(p) for Shamir shares of 32-byte secrets
-SEED_BYTES = 32
-RING_BITS = (32, 64)
 DOMAIN = "fedjax_lm/secagg/v1"
 AGGREGATOR = "aggregator"
 KEY_PREFIX = "x25519:"
@@ -118,201 +116,6 @@ KEY_PREFIX = "x25519:"
 
 class SecAggAbort(RuntimeError):
     """The round cannot complete securely; the aggregator must publish nothing for it."""
-
-
-# ------------------------------------------------------------------------------ Shamir over GF(p)
-
-
-@dataclasses.dataclass(frozen=True)
-class Share:
-    """One Shamir share: the point (x, f(x)) of a degree t−1 polynomial with f(0) = secret."""
-
-    x: int
-    y: int
-
-    def to_json(self) -> list[Any]:
-        return [self.x, format(self.y, "x")]
-
-    @classmethod
-    def from_json(cls, obj: Any) -> "Share":
-        if not (
-            isinstance(obj, list) and len(obj) == 2 and isinstance(obj[0], int) and isinstance(obj[1], str)
-        ):
-            raise ValueError(f"a share is [x, hex y], got {str(obj)[:80]}")
-        y = int(obj[1], 16)
-        if not (0 < obj[0] < PRIME and 0 <= y < PRIME):
-            raise ValueError("share out of the field")
-        return cls(obj[0], y)
-
-
-def shamir_split(secret: bytes, n: int, t: int) -> list[Share]:
-    """n shares (x = 1..n) of `secret` (≤ 65 bytes); any t reconstruct it, t − 1 reveal nothing."""
-    if not 1 <= t <= n:
-        raise ValueError(f"Shamir needs 1 <= t <= n, got t={t}, n={n}")
-    s = int.from_bytes(secret, "big")
-    if s >= PRIME:
-        raise ValueError(f"a secret of {len(secret)} bytes does not fit in GF(2^521 - 1)")
-    coeffs = [s] + [secrets.randbelow(PRIME) for _ in range(t - 1)]
-    shares = []
-    for x in range(1, n + 1):
-        y = 0
-        for c in reversed(coeffs):  # Horner
-            y = (y * x + c) % PRIME
-        shares.append(Share(x, y))
-    return shares
-
-
-def _lagrange_at(shares: Sequence[Share], x0: int) -> int:
-    """f(x0) of the polynomial through `shares` (distinct x), mod p."""
-    xs = [s.x for s in shares]
-    if len(set(xs)) != len(xs):
-        raise ValueError(f"shares with repeated x: {sorted(xs)}")
-    total = 0
-    for i, si in enumerate(shares):
-        num, den = 1, 1
-        for j, sj in enumerate(shares):
-            if i != j:
-                num = num * (x0 - sj.x) % PRIME
-                den = den * (si.x - sj.x) % PRIME
-        total = (total + si.y * num * pow(den, -1, PRIME)) % PRIME
-    return total
-
-
-def reconstruct_int(shares: Sequence[Share]) -> int:
-    """The polynomial's value at 0 from the given shares (the secret when there are ≥ t of them)."""
-    if not shares:
-        raise ValueError("no shares to reconstruct from")
-    return _lagrange_at(shares, 0)
-
-
-def shamir_reconstruct(shares: Sequence[Share], length: int = SEED_BYTES) -> bytes:
-    """The `length`-byte secret; ValueError if the value does not fit (too few or corrupt shares)."""
-    s = reconstruct_int(shares)
-    if s >= 1 << (8 * length):
-        raise ValueError("the shares do not reconstruct a secret of the expected size")
-    return s.to_bytes(length, "big")
-
-
-def _reconstruct_checked(shares: Sequence[Share], t: int, what: str) -> bytes:
-    """Reconstruct from the first t shares and check every further share lies on the same polynomial."""
-    if len(shares) < t:
-        raise SecAggAbort(f"{what}: only {len(shares)} of the {t} shares needed")
-    base = list(shares[:t])
-    for extra in shares[t:]:
-        if _lagrange_at(base, extra.x) != extra.y:
-            raise SecAggAbort(f"{what}: the shares are inconsistent (at least one is corrupt)")
-    try:
-        return shamir_reconstruct(base)
-    except ValueError:
-        raise SecAggAbort(f"{what}: the shares are corrupt") from None
-
-
-# ------------------------------------------------------------------------------ fixed point
-
-
-@dataclasses.dataclass(frozen=True)
-class FixedPoint:
-    """Encoding of reals in [−bound, bound] into Z/2^ring_bits, scale 2^frac_bits (see module doc)."""
-
-    bound: float
-    max_summands: int
-    ring_bits: int = 32
-    frac_bits: int = dataclasses.field(init=False)
-
-    def __post_init__(self):
-        if self.ring_bits not in RING_BITS:
-            raise ValueError(f"ring_bits must be one of {RING_BITS}, got {self.ring_bits}")
-        if not (self.bound > 0 and math.isfinite(self.bound)):
-            raise ValueError(f"the fixed-point bound must be positive and finite, got {self.bound}")
-        if self.max_summands < 1:
-            raise ValueError(f"max_summands must be >= 1, got {self.max_summands}")
-        limit = 2 ** (self.ring_bits - 1) - 1
-        f = math.floor(math.log2(limit / (self.max_summands * self.bound)))
-        while self.max_summands * int(np.rint(self.bound * 2.0**f)) > limit:
-            f -= 1
-        while self.max_summands * int(np.rint(self.bound * 2.0 ** (f + 1))) <= limit:
-            f += 1
-        object.__setattr__(self, "frac_bits", f)
-
-    @property
-    def dtype(self) -> np.dtype:
-        return np.dtype(np.uint32 if self.ring_bits == 32 else np.uint64)
-
-    @property
-    def signed_dtype(self) -> np.dtype:
-        return np.dtype(np.int32 if self.ring_bits == 32 else np.int64)
-
-    @property
-    def scale(self) -> float:
-        return 2.0**self.frac_bits
-
-    @property
-    def resolution(self) -> float:
-        """The value of one ring unit; encoding rounds to within half of it."""
-        return 2.0**-self.frac_bits
-
-
-def elementwise_bound(
-    clip_norm: float, noise_std: float = 0.0, num_coords: int = 1, tail: float = 1e-9
-) -> float:
-    """B = C + z·std with P(|N(0, std²)| > z·std for any of `num_coords` entries) ≤ `tail`.
-
-    A clipped update has every entry ≤ C; the Gaussian share of distributed DP is unbounded, so B
-    covers it except with probability `tail` per silo and round (add it to δ).
-    """
-    if noise_std == 0:
-        return float(clip_norm)
-    z = -statistics.NormalDist().inv_cdf(tail / (2 * max(1, num_coords)))
-    return float(clip_norm) + z * float(noise_std)
-
-
-def encode(tree: PyTree, fp: FixedPoint) -> tuple[PyTree, int]:
-    """(ring tree, number of saturated entries): round(clip(x, ±B) · 2^f) mod 2^b, leaf by leaf.
-
-    Non-finite entries raise ValueError (validate the update before encoding it).
-    """
-    saturated = 0
-
-    def leaf(x):
-        nonlocal saturated
-        a = np.asarray(x, dtype=np.float64)
-        if not np.all(np.isfinite(a)):
-            raise ValueError("cannot encode a non-finite update for secure aggregation")
-        over = np.abs(a) > fp.bound
-        saturated += int(np.count_nonzero(over))
-        q = np.rint(np.clip(a, -fp.bound, fp.bound) * fp.scale).astype(np.int64)
-        return np.asarray(q.astype(fp.dtype))  # two's complement, mod 2^b
-
-    out = jax.tree.map(leaf, tree)
-    return out, saturated
-
-
-def decode(ring_tree: PyTree, fp: FixedPoint, count: int) -> PyTree:
-    """The f32 sum of `count` encodings summed in the ring (exact up to the final f32 rounding)."""
-    if not 1 <= count <= fp.max_summands:
-        raise ValueError(
-            f"decoding a sum of {count} encodings, but the ring is sized for at most {fp.max_summands}"
-        )
-
-    def leaf(x):
-        signed = np.asarray(x, dtype=fp.dtype).view(fp.signed_dtype)
-        return np.asarray(signed.astype(np.float64) * fp.resolution, dtype=np.float32)
-
-    return jax.tree.map(leaf, ring_tree)
-
-
-def ring_add(acc: PyTree, tree: PyTree) -> PyTree:
-    """acc + tree mod 2^b, leaf by leaf (the aggregator's running sum of masked updates)."""
-    return jax.tree.map(lambda a, b: np.asarray(np.add(a, b, dtype=np.asarray(a).dtype)), acc, tree)
-
-
-def ring_sum(trees: Iterable[PyTree]) -> PyTree:
-    """Σ trees mod 2^b."""
-    it = iter(trees)
-    acc = jax.tree.map(lambda a: np.array(a, copy=True), next(it))
-    for t in it:
-        acc = ring_add(acc, t)
-    return acc
 
 
 # ------------------------------------------------------------------------------ PRG and keys
@@ -480,8 +283,8 @@ def share_keys(state: SiloState, public_keys: Mapping[str, PublicKeys]) -> dict[
     state.members, state.public_keys = members, dict(public_keys)
     state.self_seed = os.urandom(SEED_BYTES)
     n, t = len(members), spec.threshold
-    b_shares = shamir_split(state.self_seed, n, t)
-    s_shares = shamir_split(_raw_private(state.mask_key), n, t)
+    b_shares = shamir.split(state.self_seed, n, t)
+    s_shares = shamir.split(_raw_private(state.mask_key), n, t)
     out = {}
     for i, peer in enumerate(members):
         body = {
@@ -669,7 +472,7 @@ def unmask(
         )
     try:
         self_seeds = {
-            u: _reconstruct_checked(
+            u: _reconstruct(
                 [Share.from_json(b["b"][u]) for b in valid.values()],
                 t,
                 f"round {spec.round}: self-mask of {u!r}",
@@ -678,7 +481,7 @@ def unmask(
         }
         dropped_keys = {}
         for v in dropped:
-            raw = _reconstruct_checked(
+            raw = _reconstruct(
                 [Share.from_json(b["s"][v]) for b in valid.values()],
                 t,
                 f"round {spec.round}: mask key of {v!r}",
@@ -714,6 +517,13 @@ def unmask(
                 np.add(acc, words, out=acc)
         out.append(acc.reshape(x.shape))
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _reconstruct(shares: Sequence[Share], t: int, what: str) -> bytes:
+    try:
+        return shamir.reconstruct_checked(shares, t, what)
+    except shamir.ShamirError as e:
+        raise SecAggAbort(str(e)) from None
 
 
 # ------------------------------------------------------------------------------ combinations

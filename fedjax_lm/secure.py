@@ -8,7 +8,7 @@ updates (`fedjax_lm.secagg`, Bonawitz et al. 2017). Each sampled silo turns its 
     x_k = clip(Δ_k, C)                           dp.mode='central' (the aggregator cannot re-clip)
     x_k = clip(Δ_k, C) + N(0, σ²C²/t)            dp.mode='distributed' (t: the round's threshold)
 
-encodes it in the fixed-point ring Z/2^b (entries saturated at ±B, `secagg.FixedPoint`) and masks
+encodes it in the fixed-point ring Z/2^b (entries saturated at ±B, `ring.FixedPoint`) and masks
 it; the round's unmasked ring sum decodes to Σ_{k in U3} x_k exactly (up to the encoding's rounding,
 2^-f·B per entry). The aggregate the outer step sees is (`SecureSum.mean_factor`)
 
@@ -48,6 +48,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric import x25519
 
 from fedjax_lm import privacy
+from fedjax_lm import ring
 from fedjax_lm import secagg
 
 DEFAULT_PHASE_S = 60.0
@@ -80,10 +81,8 @@ def check_config(fed: Mapping[str, Any]) -> None:
                 "(each silo adds only part of the noise, so no one may see a single update)"
             )
         return
-    if int(s["ring_bits"]) not in secagg.RING_BITS:
-        raise ValueError(
-            f"federation.secagg.ring_bits must be one of {secagg.RING_BITS}, got {s['ring_bits']}"
-        )
+    if int(s["ring_bits"]) not in ring.RING_BITS:
+        raise ValueError(f"federation.secagg.ring_bits must be one of {ring.RING_BITS}, got {s['ring_bits']}")
     if int(s["threshold"]) < 0 or int(s["threshold"]) == 1:
         raise ValueError(f"federation.secagg.threshold must be 0 (a majority) or >= 2, got {s['threshold']}")
     if not float(s["bound"]) >= 0 or not math.isfinite(float(s["bound"])):
@@ -159,15 +158,15 @@ class SecureSum:
         )
         bound = float(s["bound"])
         if bound == 0:
-            bound = secagg.elementwise_bound(self.clip_norm, self.share_std, num_params)
+            bound = ring.elementwise_bound(self.clip_norm, self.share_std, num_params)
         self.bound = bound
 
     def threshold(self, k: int) -> int:
         return threshold_for(self.configured_threshold, k)
 
-    def fixed_point(self, k: int) -> secagg.FixedPoint:
+    def fixed_point(self, k: int) -> ring.FixedPoint:
         """The ring encoding of a round of K sampled silos (any sum of K encodings cannot wrap)."""
-        return secagg.FixedPoint(self.bound, max_summands=k, ring_bits=self.ring_bits)
+        return ring.FixedPoint(self.bound, max_summands=k, ring_bits=self.ring_bits)
 
     def spec(self, run_id: str, r: int, k: int) -> secagg.RoundSpec:
         return secagg.RoundSpec(

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from fedjax_lm import privacy, secagg
+from fedjax_lm import privacy, ring, secagg, shamir
 
-SPEC = secagg.RoundSpec("run-1", 7, 3, secagg.FixedPoint(bound=1.0, max_summands=8))
+SPEC = secagg.RoundSpec("run-1", 7, 3, ring.FixedPoint(bound=1.0, max_summands=8))
 
 
 def _updates(names, seed=0):
@@ -31,7 +31,7 @@ def _updates(names, seed=0):
 
 
 def _plain_ring_sum(updates, names, fp):
-    return secagg.ring_sum(secagg.encode(updates[n], fp)[0] for n in names)
+    return ring.ring_sum(ring.encode(updates[n], fp)[0] for n in names)
 
 
 def _assert_trees_equal(a, b):
@@ -48,7 +48,7 @@ def _assert_trees_equal(a, b):
 @pytest.mark.parametrize("k", [2, 3, 8])
 def test_secure_sum_equals_the_plain_sum_exactly(k):
     names = [f"silo-{i}" for i in range(k)]
-    fp = secagg.FixedPoint(bound=1.0, max_summands=k)
+    fp = ring.FixedPoint(bound=1.0, max_summands=k)
     ups = _updates(names, seed=k)
     out = secagg.simulate_round(ups, threshold=k // 2 + 1, fixed_point=fp)
     assert out.survivors == tuple(names) and out.dropped == ()
@@ -62,7 +62,7 @@ def test_secure_sum_equals_the_plain_sum_exactly(k):
         assert np.all(np.abs(np.asarray(got, np.float64) / k - exact / k) <= mean_tol)
     # The masked inputs themselves are not the encodings, but they sum to the same ring value.
     for n in names:
-        assert not np.array_equal(out.masked[n]["w"], secagg.encode(ups[n], fp)[0]["w"])
+        assert not np.array_equal(out.masked[n]["w"], ring.encode(ups[n], fp)[0]["w"])
 
 
 def test_masked_update_is_uniform_and_uncorrelated_with_the_plain_update():
@@ -70,11 +70,11 @@ def test_masked_update_is_uniform_and_uncorrelated_with_the_plain_update():
     uniform (chi-square, 15 dof, p > 1e-6) and their signed values are uncorrelated with the plain
     values (|r| < 5/√n, p ≈ 6e-7 under independence)."""
     n = 1 << 17
-    fp = secagg.FixedPoint(bound=1.0, max_summands=3)
+    fp = ring.FixedPoint(bound=1.0, max_summands=3)
     ramp = np.linspace(-1, 1, n, dtype=np.float32)
     ups = {"a": {"x": ramp}, "b": {"x": np.zeros(n, np.float32)}, "c": {"x": -ramp}}
     out = secagg.simulate_round(ups, threshold=2, fixed_point=fp)
-    plain = secagg.encode(ups["a"], fp)[0]["x"]
+    plain = ring.encode(ups["a"], fp)[0]["x"]
     assert stats.chisquare(np.bincount(plain >> 28, minlength=16)).pvalue < 1e-100  # far from uniform
     masked = out.masked["a"]["x"]
     counts = np.bincount(masked >> 28, minlength=16)
@@ -103,7 +103,7 @@ def test_survivors_sum_is_recovered_exactly_after_dropouts(dropped, silent):
     """`dropped` never send their masked input (their pairwise masks are removed with the shares of
     their mask keys); `silent` send it but do not answer the unmasking request."""
     names = [f"s{i}" for i in range(5)]
-    fp = secagg.FixedPoint(bound=1.0, max_summands=5)
+    fp = ring.FixedPoint(bound=1.0, max_summands=5)
     ups = _updates(names, seed=11)
     out = secagg.simulate_round(ups, threshold=3, fixed_point=fp, dropped=dropped, silent=silent)
     survivors = [n for n in names if n not in dropped]
@@ -113,7 +113,7 @@ def test_survivors_sum_is_recovered_exactly_after_dropouts(dropped, silent):
 
 def test_below_threshold_aborts_naming_the_round_and_counts():
     names = [f"s{i}" for i in range(5)]
-    fp = secagg.FixedPoint(bound=1.0, max_summands=5)
+    fp = ring.FixedPoint(bound=1.0, max_summands=5)
     ups = _updates(names)
     with pytest.raises(
         secagg.SecAggAbort,
@@ -181,7 +181,7 @@ def test_tampered_shares_and_responses_are_detected():
     x, y = responses["c"]["b"]["a"]
     responses["c"]["b"]["a"] = [x, format(int(y, 16) ^ 1, "x")]
     with pytest.raises(secagg.SecAggAbort, match="self-mask of 'a': the shares are inconsistent"):
-        secagg.unmask(secagg.ring_sum(masked.values()), SPEC, public, names, [], responses)
+        secagg.unmask(ring.ring_sum(masked.values()), SPEC, public, names, [], responses)
     # A response sealed for another round does not open.
     blob = secagg.unmask_response(states["a"], names, [], secagg.public_bytes(key))
     other = secagg.RoundSpec(SPEC.run_id, SPEC.round + 1, SPEC.threshold, SPEC.fixed_point)
@@ -197,19 +197,19 @@ def test_shamir_any_t_subset_reconstructs_and_t_minus_1_do_not():
     n, t = 7, 4
     for _ in range(3):
         secret = rng.bytes(32)
-        shares = secagg.shamir_split(secret, n, t)
+        shares = shamir.split(secret, n, t)
         assert [s.x for s in shares] == list(range(1, n + 1))
         for k in range(t, n + 1):
             for subset in itertools.combinations(shares, k):
-                assert secagg.shamir_reconstruct(list(subset)) == secret
+                assert shamir.reconstruct(list(subset)) == secret
         for subset in itertools.combinations(shares, t - 1):
-            assert secagg.reconstruct_int(list(subset)) != int.from_bytes(secret, "big")
-    shares = secagg.shamir_split(bytes(32), 3, 2)
-    assert secagg.Share.from_json(shares[0].to_json()) == shares[0]
+            assert shamir.reconstruct_int(list(subset)) != int.from_bytes(secret, "big")
+    shares = shamir.split(bytes(32), 3, 2)
+    assert shamir.Share.from_json(shares[0].to_json()) == shares[0]
     with pytest.raises(ValueError, match="repeated x"):
-        secagg.reconstruct_int([shares[0], shares[0]])
+        shamir.reconstruct_int([shares[0], shares[0]])
     with pytest.raises(ValueError, match="1 <= t <= n"):
-        secagg.shamir_split(bytes(32), 3, 4)
+        shamir.split(bytes(32), 3, 4)
 
 
 def test_pair_seeds_agree_on_both_sides_and_differ_across_rounds_runs_and_pairs():
@@ -237,31 +237,31 @@ def test_pair_seeds_agree_on_both_sides_and_differ_across_rounds_runs_and_pairs(
 @pytest.mark.parametrize("ring_bits", [32, 64])
 @pytest.mark.parametrize("bound,k", [(1.0, 2), (0.37, 16), (1e4, 5), (1e-6, 100)])
 def test_fixed_point_scale_is_the_finest_that_cannot_wrap(ring_bits, bound, k):
-    fp = secagg.FixedPoint(bound=bound, max_summands=k, ring_bits=ring_bits)
+    fp = ring.FixedPoint(bound=bound, max_summands=k, ring_bits=ring_bits)
     limit = 2 ** (ring_bits - 1) - 1
     top = int(np.rint(bound * fp.scale))
     assert k * top <= limit < k * int(np.rint(bound * 2.0 ** (fp.frac_bits + 1)))
     # k encodings at +B (and at −B) sum without wrapping.
     for sign in (1.0, -1.0):
-        enc, sat = secagg.encode({"x": np.full(4, sign * bound)}, fp)
+        enc, sat = ring.encode({"x": np.full(4, sign * bound)}, fp)
         assert sat == 0 and enc["x"].dtype == fp.dtype
-        total = secagg.ring_sum([enc] * k)
-        assert secagg.decode(total, fp, k)["x"][0] == np.float32(sign * k * top * fp.resolution)
+        total = ring.ring_sum([enc] * k)
+        assert ring.decode(total, fp, k)["x"][0] == np.float32(sign * k * top * fp.resolution)
 
 
 def test_encode_saturates_counts_and_refuses_non_finite():
-    fp = secagg.FixedPoint(bound=1.0, max_summands=4)
-    enc, sat = secagg.encode({"x": np.array([0.5, 3.0, -7.0], np.float32)}, fp)
+    fp = ring.FixedPoint(bound=1.0, max_summands=4)
+    enc, sat = ring.encode({"x": np.array([0.5, 3.0, -7.0], np.float32)}, fp)
     assert sat == 2
-    np.testing.assert_array_equal(secagg.decode(enc, fp, 1)["x"], [0.5, 1.0, -1.0])
+    np.testing.assert_array_equal(ring.decode(enc, fp, 1)["x"], [0.5, 1.0, -1.0])
     with pytest.raises(ValueError, match="non-finite"):
-        secagg.encode({"x": np.array([np.nan])}, fp)
+        ring.encode({"x": np.array([np.nan])}, fp)
     with pytest.raises(ValueError, match="at most 4"):
-        secagg.decode(enc, fp, 5)
-    assert secagg.elementwise_bound(1.0) == 1.0
+        ring.decode(enc, fp, 5)
+    assert ring.elementwise_bound(1.0) == 1.0
     z = -statistics.NormalDist().inv_cdf(1e-9 / (2 * 2_000_000))
     assert 8.0 < z < 8.3
-    assert secagg.elementwise_bound(1.0, 0.1, 2_000_000, tail=1e-9) == pytest.approx(1.0 + 0.1 * z)
+    assert ring.elementwise_bound(1.0, 0.1, 2_000_000, tail=1e-9) == pytest.approx(1.0 + 0.1 * z)
 
 
 def test_distributed_dp_through_secure_aggregation():
@@ -271,7 +271,7 @@ def test_distributed_dp_through_secure_aggregation():
     C, sigma, t = 1.0, 1.0, 3
     share_std = privacy.distributed_noise_std(sigma, C, t)
     d = 10_000
-    fp = secagg.FixedPoint(bound=secagg.elementwise_bound(C, share_std, d), max_summands=len(names))
+    fp = ring.FixedPoint(bound=ring.elementwise_bound(C, share_std, d), max_summands=len(names))
     rng = np.random.default_rng(5)
     released = {}
     for n in names:

@@ -39,6 +39,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import x25519
 
 from fedjax_lm import identity
+from fedjax_lm import ring
 from fedjax_lm import secagg
 from fedjax_lm.deploy.common import Trust, log
 
@@ -183,7 +184,7 @@ def state_from_json(obj: Mapping[str, Any]) -> tuple[secagg.SiloState, dict[str,
         run_id=sp["run_id"],
         round=int(sp["round"]),
         threshold=int(sp["threshold"]),
-        fixed_point=secagg.FixedPoint(float(sp["bound"]), int(sp["max_summands"]), int(sp["ring_bits"])),
+        fixed_point=ring.FixedPoint(float(sp["bound"]), int(sp["max_summands"]), int(sp["ring_bits"])),
     )
     key = lambda name: x25519.X25519PrivateKey.from_private_bytes(_unb64(obj[name], name))  # noqa: E731
     state = secagg.SiloState(
