@@ -120,6 +120,14 @@ HOW = {
     "--workdir runs/sweep-H --print-only": ("as-is", ""),
     "python experiments/attacks.py --workdir runs/attacks": ("help", ""),
     "python experiments/privacy.py --workdir runs/privacy": ("help", ""),
+    "python -m fedjax_lm train --config experiments/photon.py:size=tiny,silos=8 --workdir runs/secure "
+    "--config.federation.secagg.enabled=True --config.federation.secagg.bound=2.0 "
+    "--config.federation.compression=none --config.federation.max_update_norm_ratio=0": (
+        "tiny",
+        f"{SMALL} {FED}",
+    ),
+    "python benchmarks/secagg_overhead.py": ("help", ""),
+    "python benchmarks/secagg_overhead.py --silos 8,16 --dropped 2": ("help", ""),
 }
 
 
@@ -146,9 +154,10 @@ def test_every_readme_command_has_a_way_to_run_and_nothing_stale():
 
 @pytest.fixture(scope="module")
 def sandbox(tmp_path_factory):
-    """A user's folder: the repo's experiments/, small texts for the default corpus and for my-data/."""
+    """A user's folder: the repo's experiments/ and benchmarks/, small texts for the default corpus and for my-data/."""
     root = tmp_path_factory.mktemp("readme")
     os.symlink(os.path.join(ROOT, "experiments"), root / "experiments")
+    os.symlink(os.path.join(ROOT, "benchmarks"), root / "benchmarks")
     code, prose, lines = (p.split(":", 1)[1] for p in _write_small_sources(str(root / "texts")))
     (root / "my-data").mkdir()
     os.symlink(code, root / "my-data" / "clinic")
