@@ -587,6 +587,8 @@ def table_rows(results: Sequence[Result], workdir: str) -> tuple[list[str], list
                 silos.append(s)
     head = ["point", "status", *keys, "kind", "tokens", "wall_s", "val_loss", "val_ppl"]
     head += [
+        "bytes_up",
+        "bytes_down",
         "bytes_moved",
         "dp_equivalent_bytes",
         "traffic_ratio_vs_dp",
@@ -611,6 +613,8 @@ def table_rows(results: Sequence[Result], workdir: str) -> tuple[list[str], list
                 wall_s=s.get("wall_time_s"),
                 val_loss=s["val"]["pooled"]["loss"],
                 val_ppl=s["val"]["pooled"]["ppl"],
+                bytes_up=comm.get("bytes_up", ""),
+                bytes_down=comm.get("bytes_down", ""),
                 bytes_moved=comm.get("bytes_moved", ""),
                 dp_equivalent_bytes=comm.get("dp_equivalent_bytes", ""),
                 traffic_ratio_vs_dp=comm.get("traffic_ratio_vs_dp", ""),
@@ -624,7 +628,7 @@ def table_rows(results: Sequence[Result], workdir: str) -> tuple[list[str], list
 def _md_cell(key: str, v: Any) -> str:
     if v is None or v == "":
         return ""
-    if key in ("bytes_moved", "dp_equivalent_bytes"):
+    if key in ("bytes_up", "bytes_down", "bytes_moved", "dp_equivalent_bytes"):
         return monitor.human_bytes(v)
     if key == "traffic_ratio_vs_dp":
         return f"{v:.1f}x"

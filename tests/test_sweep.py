@@ -97,6 +97,7 @@ def test_two_point_sweep_runs_then_resumes_by_skipping(spec, tmp_path):
         assert math.isfinite(float(row["val_ppl"])) and float(row["val_ppl"]) > 1
         assert float(row["traffic_ratio_vs_dp"]) > 0 and -1 <= float(row["update_cos_mean"]) <= 1
         assert {"ppl/code", "ppl/prose", "ppl/lines"} <= set(row)
+        assert int(row["bytes_up"]) + int(row["bytes_down"]) == int(row["bytes_moved"]) > 0  # both directions
     # 2 rounds x 3 silos x H x batch 4 x seq 32
     assert [int(float(row["tokens"])) for row in rows] == [2 * 3 * h * 4 * 32 for h in (1, 2)]
     md = (work / "sweep.md").read_text()
