@@ -81,6 +81,23 @@ def manifest(r: int, name: str, method: str) -> dict:
     return {"round": r, "silo": name, "tokens": 1.0, "method": method}
 
 
+def validate_all(agg: Clock, store, template, silos, expected, allow) -> dict:
+    """The aggregator's validation of each committed update, timed as one phase."""
+    return {
+        n: agg.run(
+            "validate",
+            store.validate_update,
+            0,
+            n,
+            template,
+            expected_silos=expected,
+            current_round=0,
+            allow=allow,
+        )
+        for n in silos
+    }
+
+
 def plain_round(root, names, updates, trusts, like):
     store = store_lib.Store(root)
     clocks = {n: Clock() for n in names}
@@ -92,19 +109,7 @@ def plain_round(root, names, updates, trusts, like):
     agg = Clock()
     template = jax.eval_shape(lambda p: compression.compress(p, None, "none", 256)[0], like)
     allow = trusts[identity.AGGREGATOR].allow
-    manifests = {
-        n: agg.run(
-            "validate",
-            store.validate_update,
-            0,
-            n,
-            template,
-            expected_silos=names,
-            current_round=0,
-            allow=allow,
-        )
-        for n in names
-    }
+    manifests = validate_all(agg, store, template, names, names, allow)
     weights = {n: 1.0 for n in names}
     mean = agg.run(
         "aggregate",
@@ -168,19 +173,7 @@ def secure_round(root, names, updates, trusts, like, dropped):
         )
     template = jax.tree.map(lambda x: {"x": jax.ShapeDtypeStruct(x.shape, np.uint32)}, like)
     allow = trusts[identity.AGGREGATOR].allow
-    manifests = {
-        n: agg.run(
-            "validate",
-            store.validate_update,
-            0,
-            n,
-            template,
-            expected_silos=senders,
-            current_round=0,
-            allow=allow,
-        )
-        for n in alive
-    }
+    manifests = validate_all(agg, store, template, alive, senders, allow)
     survivors, gone, aborted = agg.run("lists", proto.survivors, senders, sorted(manifests))
     assert not aborted, aborted
 

@@ -202,12 +202,10 @@ def _kill_when(p, name, text):
     p.kill(name)
 
 
-@pytest.mark.multiprocess
-def test_a_silo_killed_after_sharing_keys_is_unmasked_out_of_the_sum(small_corpus, tmp_path, procs):
-    """prose shares its keys, then is killed (SIGKILL) before sending its masked input; at the deadline
-    the two survivors (t = 2 of 3) reveal the shares of prose's mask key and the aggregator removes its
-    pairwise masks: the round's update is the mean of the survivors' alone."""
-    config, spec = _deploy_config(small_corpus, tmp_path, rounds=1)
+def _run_with_prose_killed_before_masking(small_corpus, tmp_path, procs, **secagg_cfg):
+    """One round, deadline 20 s: code and lines run through; prose shares its keys and is SIGKILLed
+    before it sends its masked input. Returns (config, Procs) once the others have exited."""
+    config, spec = _deploy_config(small_corpus, tmp_path, rounds=1, **secagg_cfg)
     config.federation.deploy.deadline_s = 20.0
     (tmp_path / "config.json").write_text(config.to_json_best_effort())
     p = procs["p"] = Procs(tmp_path, spec)
@@ -219,6 +217,15 @@ def test_a_silo_killed_after_sharing_keys_is_unmasked_out_of_the_sum(small_corpu
     p.wait("aggregator")
     for s in ("code", "lines"):
         p.wait(s)
+    return config, p
+
+
+@pytest.mark.multiprocess
+def test_a_silo_killed_after_sharing_keys_is_unmasked_out_of_the_sum(small_corpus, tmp_path, procs):
+    """prose shares its keys, then is killed (SIGKILL) before sending its masked input; at the deadline
+    the two survivors (t = 2 of 3) reveal the shares of prose's mask key and the aggregator removes its
+    pairwise masks: the round's update is the mean of the survivors' alone."""
+    config, p = _run_with_prose_killed_before_masking(small_corpus, tmp_path, procs)
     got, meta = final_params(config, p.store, 1)
     row = rows(tmp_path / "agg")[0]
     assert row["secagg_survivors"] == ["code", "lines"] and row["secagg_dropped"] == ["prose"]
@@ -236,18 +243,7 @@ def test_a_silo_killed_after_sharing_keys_is_unmasked_out_of_the_sum(small_corpu
 
 @pytest.mark.multiprocess
 def test_below_the_threshold_the_round_aborts_and_nothing_is_summed(small_corpus, tmp_path, procs):
-    config, spec = _deploy_config(small_corpus, tmp_path, rounds=1, threshold=3)
-    config.federation.deploy.deadline_s = 20.0
-    (tmp_path / "config.json").write_text(config.to_json_best_effort())
-    p = procs["p"] = Procs(tmp_path, spec)
-    p.aggregator()
-    for s in ("code", "lines"):
-        _silo(p, s)
-    _silo(p, "prose", env={"FEDJAX_SILO_PAUSE_BEFORE_MASK_S": "600"})
-    _kill_when(p, "prose", "pausing")
-    p.wait("aggregator")
-    for s in ("code", "lines"):
-        p.wait(s)
+    config, p = _run_with_prose_killed_before_masking(small_corpus, tmp_path, procs, threshold=3)
     got, meta = final_params(config, p.store, 1)
     before, _ = final_params(config, p.store, 0)
     for a, b in zip(got, before):
