@@ -241,12 +241,7 @@ class Aggregator:
             meta, self.fed.dp_round.initial_clip
         )  # adaptive clipping: published with global/r
         server, diag, clipped = self._aggregate(r, server, manifests, rejected, clip)
-        self.deadlines.observe(
-            [m["finished_at"] - meta["published_at"] for m in manifests.values() if "finished_at" in m]
-        )
-        accepted = {
-            s: {"tokens": self.fed.weight(m["tokens"]), "loss": m.get("loss")} for s, m in manifests.items()
-        }
+        accepted, seconds = self._accepted(manifests, list(manifests), meta)
         row = self.fed.round_row(
             r,
             accepted,
@@ -254,7 +249,7 @@ class Aggregator:
             diag,
             rejected=rejected,
             ignored_late=late,
-            silo_seconds={s: m.get("finished_at", 0) - meta["published_at"] for s, m in manifests.items()},
+            silo_seconds=seconds,
             update_norms={s: m["validation"]["norm"] for s, m in manifests.items()},  # as validated
             **self.fed.privacy_fields(r + 1, clipped, clip),
         )
@@ -358,10 +353,7 @@ class Aggregator:
         if aborted:
             log("aggregator", f"round {r}: secure aggregation ABORTED: {aborted}; global params unchanged")
             survivors = []
-        accepted = {
-            s: {"tokens": f.weight(manifests[s]["tokens"]), "loss": manifests[s].get("loss")}
-            for s in survivors
-        }
+        accepted, seconds = self._accepted(manifests, survivors, meta)
         row = f.round_row(
             r,
             accepted,
@@ -369,7 +361,7 @@ class Aggregator:
             diag,
             rejected=rejected,
             ignored_late=late,
-            silo_seconds={s: m.get("finished_at", 0) - meta["published_at"] for s, m in manifests.items()},
+            silo_seconds=seconds,
             **secure.row_fields(
                 survivors, dropped, sum(int(m.get("secagg_saturated", 0)) for m in manifests.values())
             ),
@@ -378,10 +370,20 @@ class Aggregator:
             secagg_seconds=time.perf_counter() - t0,
             **f.privacy_fields(r + 1, sum(int(manifests[s].get("clipped", 0)) for s in survivors)),
         )
+        return new, row
+
+    def _accepted(self, manifests: Mapping[str, Any], names: list[str], meta: Mapping[str, Any]):
+        """({silo: tokens (the server's weight), loss} of `names`, every validated silo's seconds since the
+        round was published); the silos' durations feed the adaptive deadline."""
+        seconds = {s: m.get("finished_at", 0) - meta["published_at"] for s, m in manifests.items()}
         self.deadlines.observe(
             [m["finished_at"] - meta["published_at"] for m in manifests.values() if "finished_at" in m]
         )
-        return new, row
+        accepted = {
+            s: {"tokens": self.fed.weight(manifests[s]["tokens"]), "loss": manifests[s].get("loss")}
+            for s in names
+        }
+        return accepted, seconds
 
     def _noise_secret(self) -> bytes | None:
         """Central DP: the aggregator's own noise secret, in its workdir (never in the store)."""
