@@ -122,8 +122,8 @@ def threshold_for(configured: int, k: int) -> int:
     return t
 
 
-@functools.partial(jax.jit, static_argnames=("clip",))
-def _contribute(payload, clip_norm, key, std, *, clip: bool):
+@functools.partial(jax.jit, static_argnames=("clip", "noise"))
+def _contribute(payload, clip_norm, key, std, *, clip: bool, noise: bool):
     delta = jax.tree.map(
         lambda p: p["x"].astype(jnp.float32),
         payload,
@@ -132,7 +132,7 @@ def _contribute(payload, clip_norm, key, std, *, clip: bool):
     norm = privacy.global_norm(delta)
     if clip:
         delta, norm = privacy.clip_update(delta, clip_norm)
-    return privacy.add_noise(delta, key, std), norm
+    return (privacy.add_noise(delta, key, std) if noise else delta), norm
 
 
 class SecureSum:
@@ -175,14 +175,17 @@ class SecureSum:
 
     def contribution(self, payload, r: int, silo: str, secret: bytes | None):
         """(x_k as an f32 tree, ‖Δ_k‖): the silo's clipped (DP) and noised (distributed DP) update."""
-        if self.share_std > 0:
-            if secret is None:
-                raise ValueError("distributed DP needs the silo's noise secret")
-            key = privacy.noise_key(secret, r, silo)
-        else:
-            key = jax.random.key(0)  # std 0: the noise is exactly zero
+        noise = self.share_std > 0
+        if noise and secret is None:
+            raise ValueError("distributed DP needs the silo's noise secret")
+        key = privacy.noise_key(secret, r, silo) if noise else jax.random.key(0)  # no noise drawn without it
         x, norm = _contribute(
-            payload, jnp.float32(self.clip_norm), key, jnp.float32(self.share_std), clip=self.dp_mode != "off"
+            payload,
+            jnp.float32(self.clip_norm),
+            key,
+            jnp.float32(self.share_std),
+            clip=self.dp_mode != "off",
+            noise=noise,
         )
         return x, float(norm)
 
