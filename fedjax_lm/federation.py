@@ -268,6 +268,14 @@ class Federation:
             lambda p: compression.compress(p, None, self.method, self.block_size)[0], s.abstract_params
         )
         self.param_bytes = compression.raw_nbytes(s.abstract_params)
+        # Photon's shared moments travel too: each accepted silo uploads its floating inner-optimizer
+        # leaves (AdamW mu and nu) and downloads their mean, uncompressed.
+        self.moment_bytes = 0
+        if fed.aggregate_inner_moments:
+            inner = jax.eval_shape(s.tx.init, s.abstract_params)
+            self.moment_bytes = sum(
+                x.size * x.dtype.itemsize for x in jax.tree.leaves(inner) if jnp.issubdtype(x.dtype, jnp.floating)
+            )
         self.downloads = download.Downloads(str(fed.download_compression), self.block_size, s.abstract_params)
         self.secure: secure.SecureSum | None = None
         self.upload_method = self.method
@@ -503,14 +511,15 @@ class Federation:
         """The round's metrics row; `accepted` maps silo -> {tokens (its weight), loss (or None)}.
 
         `down_bytes` (silo -> bytes it downloaded this round; default: the f32 model for each accepted
-        silo) go to the ledger. `update_norms` (silo -> L2 norm of its decoded upload, accepted or not) become
+        silo) go to the ledger, with the shared inner moments both ways when they are aggregated. `update_norms` (silo -> L2 norm of its decoded upload, accepted or not) become
         `update_norm/<silo>`; `extra` is merged as is (e.g. `update_diagnostics`' fields).
         """
         tokens = {s: float(a["tokens"]) for s, a in accepted.items()}
+        down = dict(down_bytes) if down_bytes is not None else {s: self.param_bytes for s in accepted}
         comm = ledger.record_round(
             r,
-            down=dict(down_bytes) if down_bytes is not None else {s: self.param_bytes for s in accepted},
-            up={s: self.payload_bytes for s in accepted},
+            down={s: b + (self.moment_bytes if s in accepted else 0) for s, b in down.items()},
+            up={s: self.payload_bytes + self.moment_bytes for s in accepted},
             dp_equivalent=monitor.dp_allreduce_bytes(self.param_bytes, self.H, len(accepted)),
         )
         loss = None

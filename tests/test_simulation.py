@@ -116,3 +116,8 @@ def test_aggregated_inner_moments_are_shared_by_every_silo(small_corpus, tmp_pat
         for a, b in zip(mus[0], other):
             np.testing.assert_array_equal(a, b)
     assert any(np.abs(np.asarray(x)).max() > 0 for x in mus[0] if np.asarray(x).dtype == np.float32)
+    # The moments travel both ways and the ledger counts them: AdamW's mu and nu are two f32 models.
+    moments = 2 * sim.fed.param_bytes
+    assert sim.fed.moment_bytes == moments
+    assert row["bytes_up"] == 3 * (sim.fed.payload_bytes + moments)
+    assert row["bytes_down"] == 3 * (sim.fed.param_bytes + moments)
