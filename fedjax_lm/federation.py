@@ -61,6 +61,7 @@ def default_federation_config() -> ml_collections.ConfigDict:
             aggregate_inner_moments=False,  # Photon's option: average inner moments across silos too
             compression="int8",  # upload encoding of Δ: "none" | "bf16" | "int8"
             download_compression="none",  # the global sent as a compressed delta (fedjax_lm/download.py)
+            download_from_seed=True,  # ... and a silo builds round 0's global from train.seed, downloads nothing
             block_size=256,
             error_feedback=True,
             max_update_norm=0.0,  # reject a pseudo-gradient whose global L2 norm exceeds this (0: off)
@@ -274,9 +275,17 @@ class Federation:
         if fed.aggregate_inner_moments:
             inner = jax.eval_shape(s.tx.init, s.abstract_params)
             self.moment_bytes = sum(
-                x.size * x.dtype.itemsize for x in jax.tree.leaves(inner) if jnp.issubdtype(x.dtype, jnp.floating)
+                x.size * x.dtype.itemsize
+                for x in jax.tree.leaves(inner)
+                if jnp.issubdtype(x.dtype, jnp.floating)
             )
-        self.downloads = download.Downloads(str(fed.download_compression), self.block_size, s.abstract_params)
+        self.downloads = download.Downloads(
+            str(fed.download_compression),
+            self.block_size,
+            s.abstract_params,
+            s.param_shardings,
+            from_seed=bool(fed.download_from_seed),
+        )
         self.secure: secure.SecureSum | None = None
         self.upload_method = self.method
         if fed.secagg.enabled:  # uploads are masked ring words, one per parameter

@@ -194,6 +194,16 @@ class Silo:
         with jax.set_mesh(self.mesh):
             return fn(rng)
 
+    def init_params(self, rng: jax.Array) -> Any:
+        """The params of `init_state(rng)` alone, placed with the param shardings (no optimizer state)."""
+        fn = self._jit(
+            "init_params",
+            lambda key: sharding_lib.unbox(model_lib.init_params(self.model_config, key)),
+            out_shardings=self.param_shardings,
+        )
+        with jax.set_mesh(self.mesh):
+            return fn(rng)
+
     def abstract_state_with_shardings(self) -> TrainState:
         return sharding_lib.with_shardings(self.abstract_state, self.state_shardings)
 

@@ -183,7 +183,7 @@ class Simulation:
         down = f.downloads.costs(self.held, accepted, r)  # counted for accepted silos, as a deployment does
         self.held.update({n: r for n in sampled})
         if self.broadcast is not None:
-            self.broadcast = f.downloads.next_broadcast(self.broadcast, server.params)
+            _, self.broadcast = f.downloads.next_broadcast(self.broadcast, server.params)
         if f.fed.aggregate_inner_moments and accepted:
             shared = f.shared_moments((outs[n].opt_state, accepted[n]["tokens"]) for n in accepted)
             for p in privates.values():

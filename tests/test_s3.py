@@ -248,6 +248,13 @@ def test_s3_checkpoints_round_trip_through_tensorstore(s3_root):
     np.testing.assert_array_equal(np.asarray(got["w"]), np.asarray(params["w"]))
     for a, b in zip(jax.tree.leaves(got_opt), jax.tree.leaves(opt)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # the compressed download's items travel in the same checkpoint, each readable alone
+    delta = {"q": np.arange(6, dtype=np.int8)}
+    assert store.publish_global(1, params, opt, {}, {"broadcast": params, "download": delta})
+    got = store.read_global_item(1, "download", {"q": jax.ShapeDtypeStruct((6,), np.int8)})
+    np.testing.assert_array_equal(got["q"], delta["q"])
+    with pytest.raises(FileNotFoundError, match=r"global/0 .* has no 'download'"):
+        store.read_global_item(0, "download", {"q": jax.ShapeDtypeStruct((6,), np.int8)})
     for r in range(3):
         assert store.save_silo_state(
             "s1", r, {"e": np.full(2, r, np.float32)}, {"round": r, "it": {"pos": r}}

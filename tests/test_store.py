@@ -582,6 +582,15 @@ def test_publish_and_read_global_onto_another_mesh(tmp_path):
     assert jax.tree.structure(got_opt) == jax.tree.structure(opt_state)
     with pytest.raises(FileNotFoundError):
         reader.read_global_meta(7)
+    # extra items (the compressed download's copy and delta) are read alone; unknown names are refused
+    delta = {"q": jnp.arange(6, dtype=jnp.int8)}
+    assert store.publish_global(1, params, opt_state, {}, {"broadcast": params, "download": delta})
+    like = {"q": jax.ShapeDtypeStruct((6,), jnp.int8, sharding=NamedSharding(mesh24, P()))}
+    np.testing.assert_array_equal(np.asarray(reader.read_global_item(1, "download", like)["q"]), np.arange(6))
+    with pytest.raises(FileNotFoundError, match=r"global/0 .* has no 'download'"):
+        reader.read_global_item(0, "download", like)
+    with pytest.raises(ValueError, match=r"carries no item \['moments'\]"):
+        store.publish_global(2, params, opt_state, {}, {"moments": params})
 
 
 def test_wait_for_global(tmp_path):

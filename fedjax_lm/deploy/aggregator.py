@@ -37,6 +37,7 @@ from fedjax_lm.deploy.common import (
     shared_config,
     silo_names,
 )
+from fedjax_lm.deploy import downloads
 from fedjax_lm.deploy.secure_protocol import AggregatorProtocol
 
 MAX_STRANGERS_LOGGED = 16  # updates under names that are not members: reported by name up to this many
@@ -85,8 +86,11 @@ class Aggregator:
         self._lock = None  # held while run() runs
         self.ledger = monitor.CommLedger()
 
-    def _publish(self, r: int, server: outer.OuterState, extra: Mapping[str, Any], lock=None) -> None:
-        """Publishes global/r (create-exclusive) if this aggregator still holds the lock."""
+    def _publish(
+        self, r: int, server: outer.OuterState, extra: Mapping[str, Any], lock=None, items=None
+    ) -> None:
+        """Publishes global/r (with the checkpoint `items` besides params and opt_state) create-exclusive,
+        if this aggregator still holds the lock."""
         if lock is not None:
             lock.check()  # the heartbeat found the lock taken over: stop before writing anything
         now = time.time()
@@ -102,7 +106,7 @@ class Aggregator:
         full = {**meta, **extra}
         if self.trust.signer is not None:
             full = identity.sign_meta(self.trust.signer, full)
-        if not self.store.publish_global(r, server.params, server.opt_state, full):
+        if not self.store.publish_global(r, server.params, server.opt_state, full, items):
             try:
                 global_meta(self.store, r, self.trust)
             except GlobalRejected as e:
@@ -221,7 +225,7 @@ class Aggregator:
                     max_norm=self.fed.max_norm,
                     like_params=self.fed.silo.abstract_params,
                     allow=self.trust.allow,
-                    base_sha256=meta["params_sha256"],
+                    base_sha256=downloads.base_sha256(meta),
                 )
             except store_lib.UpdateRejected as e:
                 rejected[silo] = str(e)
@@ -251,6 +255,7 @@ class Aggregator:
             ignored_late=late,
             silo_seconds=seconds,
             update_norms={s: m["validation"]["norm"] for s, m in manifests.items()},  # as validated
+            down_bytes=self._down_bytes(manifests, accepted, r),
             **self.fed.privacy_fields(r + 1, clipped, clip),
         )
         if self.fed.dp_round.adaptive is not None:
@@ -321,7 +326,7 @@ class Aggregator:
                     expected_silos=senders,
                     current_round=r,
                     allow=self.trust.allow,
-                    base_sha256=meta["params_sha256"],
+                    base_sha256=downloads.base_sha256(meta),
                 )
             except store_lib.UpdateRejected as e:
                 rejected[silo] = str(e)
@@ -385,6 +390,17 @@ class Aggregator:
         }
         return accepted, seconds
 
+    def _down_bytes(self, manifests: Mapping[str, Any], accepted, r: int) -> dict[str, int] | None:
+        """What each accepted silo downloaded (compressed download: priced from the copy it says it held)."""
+        d = self.fed.downloads
+        if not d.on:
+            return None
+        prices = {}
+        for s in accepted:  # a silo that read the full copy says nothing: priced as the full copy
+            q = downloads.held_round(manifests[s], r)
+            prices[s] = d.full_bytes if q is None else d.cost(q, r)
+        return prices
+
     def _noise_secret(self) -> bytes | None:
         """Central DP: the aggregator's own noise secret, in its workdir (never in the store)."""
         return runs.noise_secret(self.workdir) if self.fed.dp_on else None
@@ -401,7 +417,11 @@ class Aggregator:
             self.run_id = run["run_id"]
             run["allow_list"] = self.trust.allow.to_json() if self.trust.signed else None
             self.store.write_run({**run, "config": runs.config_dict(self.config), "silos": self.fed.names})
-            self._publish(0, self.fed.init_server(int(self.config.train.seed)), {}, lock=self._lock)
+            server = self.fed.init_server(int(self.config.train.seed))
+            meta, items = (
+                downloads.publish(self.fed, server.params, None) if self.fed.downloads.on else ({}, None)
+            )
+            self._publish(0, server, meta, lock=self._lock, items=items)
             return 0
         stored = check_store_run(self.store, self.config, "aggregator", self.trust)
         self.run_id = str(stored.get("run_id") or stored["fingerprint"])
@@ -436,6 +456,8 @@ class Aggregator:
                 log("aggregator", f"the privacy budget allows {last} of {self.fed.rounds} rounds")
             while r < last:
                 server, meta = read_server(self.fed, self.store, r, self.trust)
+                if self.fed.downloads.on:
+                    copy = downloads.read_broadcast(self.fed, self.store, r, meta)
                 t_round = time.perf_counter()
                 server, row = self.close_round(r, server, meta)
                 lock.check()
@@ -465,7 +487,14 @@ class Aggregator:
                     extra["dp_clip_norm"] = row["dp_next_clip_norm"]  # signed with the rest of the meta
                 if r + 1 == last < self.fed.rounds:
                     extra["final"] = "privacy budget"  # silos stop at a final global
-                self._publish(r + 1, server, {**extra, "comm": self.ledger.rounds[-1]}, lock=lock)
+                items = None
+                if self.fed.downloads.on:  # θ̂_{r+1} and the delta silos apply to θ̂_r to get it
+                    payload, copy = self.fed.downloads.next_broadcast(copy, server.params)
+                    published, items = downloads.publish(self.fed, copy, payload)
+                    extra.update(published)
+                self._publish(
+                    r + 1, server, {**extra, "comm": self.ledger.rounds[-1]}, lock=lock, items=items
+                )
                 r += 1
             summary = self._summary(
                 read_server(self.fed, self.store, last, self.trust)[0], time.time() - t0, last

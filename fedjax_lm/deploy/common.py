@@ -34,11 +34,6 @@ def check_deployable(config: ml_collections.ConfigDict) -> None:
             "federation.parallel trains many silos in one vmapped program; in a deployment every silo "
             "is its own process: set federation.parallel=False"
         )
-    if fed.download_compression != "none":
-        raise ValueError(
-            "federation.download_compression is supported by the one-process simulation only so far (the "
-            "store does not carry the compressed deltas yet); set it to 'none' in a deployment"
-        )
     if fed.aggregate_inner_moments:
         raise ValueError(
             "federation.aggregate_inner_moments is supported by the one-process simulation only: a "

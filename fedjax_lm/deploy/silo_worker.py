@@ -28,6 +28,7 @@ from fedjax_lm.deploy.common import (
     load_trust,
     log,
 )
+from fedjax_lm.deploy.downloads import SiloDownloads, base_sha256
 from fedjax_lm.deploy.secure_protocol import SiloProtocol
 
 
@@ -71,7 +72,13 @@ class SiloWorker:
         corpus.check_silos([self.name])
         self.iterator = select.silo_iterator(corpus, self.name, self.config)
         self.run_id = str(run.get("run_id") or run["fingerprint"])
-        return fed_lib.Federation(self.config, run["silos"])
+        fed = fed_lib.Federation(self.config, run["silos"])
+        self.downloads = (
+            SiloDownloads(fed, self.store, self.trust, self.name, int(self.config.train.seed))
+            if fed.downloads.on
+            else None
+        )
+        return fed
 
     def _data_with_store_tokenizer(self, sha256: str):
         """The data config to prepare with: the silo's sources, the federation's tokenizer."""
@@ -96,14 +103,34 @@ class SiloWorker:
         data_cfg.tokenizer = path
         return data_cfg
 
+    def _abstract_private(self) -> dict[str, Any]:
+        """The private arrays saved after a round; with the compressed download, the copy of the global
+        this silo trained from (the base its next deltas apply to)."""
+        abstract = self.fed.abstract_private()
+        if self.downloads is not None:
+            abstract["broadcast"] = self.fed.abstract_params
+        return abstract
+
     def _load_private(self, r: int) -> tuple[dict[str, Any], int]:
         """(private arrays, last round trained); a fresh state (shaped like global/r) before the first."""
         last = self.store.latest_silo_state(self.name)
-        if last is None:
-            return self.fed.fresh_private(self.store.read_global_params(r, self.fed.abstract_params)), -1
-        arrays, meta = self.store.restore_silo_state(self.name, last, self.fed.abstract_private())
+        if last is None:  # shaped and placed like the params: the seed's are free, global/r's a download
+            like = (
+                self.fed.silo.init_params(jax.random.key(int(self.config.train.seed)))
+                if self.downloads is not None and self.fed.downloads.from_seed
+                else self.store.read_global_params(r, self.fed.abstract_params)
+            )
+            return {**self.fed.fresh_private(like), "broadcast": None}, -1
+        arrays, meta = self.store.restore_silo_state(self.name, last, self._abstract_private())
         self.iterator.set_state(meta["data_iterator"])
-        return {"opt_state": arrays.get("opt_state"), "error": arrays.get("error")}, int(meta["round"])
+        private = {k: arrays.get(k) for k in ("opt_state", "error", "broadcast")}
+        return private, int(meta["round"])
+
+    def _next_private(self, out, params) -> dict[str, Any]:
+        private = self.fed.next_private({}, out)
+        if self.downloads is not None:
+            private["broadcast"] = params
+        return private
 
     def _save_private(self, r: int, private: Mapping[str, Any]) -> None:
         arrays = {k: v for k, v in private.items() if v is not None}
@@ -111,10 +138,17 @@ class SiloWorker:
             self.name, r, arrays, {"round": r, "data_iterator": self.iterator.get_state()}
         )
 
-    def _train(self, r: int, private, *, progress: bool):
-        """Trains round r from global/r, after checking the params are the ones the aggregator signed."""
+    def _download(
+        self, r: int, private: Mapping[str, Any], last: int
+    ) -> tuple[Any, dict[str, Any], int | None]:
+        """(the params round r trains from, global/r's meta, the round of the copy the compressed
+        download started from), after checking them against the hashes the aggregator signed."""
         try:  # a silo needs the global params only, not the outer optimizer state
             meta = global_meta(self.store, r, self.trust)
+            if self.downloads is not None:
+                held = last if private.get("broadcast") is not None else None
+                params, start = self.downloads.fetch(r, meta, held, private.get("broadcast"))
+                return params, meta, start
             params = self.store.read_global_params(r, self.fed.abstract_params)
         except FileNotFoundError:
             raise FileNotFoundError(
@@ -122,6 +156,11 @@ class SiloWorker:
                 f"cannot be rebuilt; keep every global checkpoint (Store keep_globals=None)"
             ) from None
         check_tree(params, meta["params_sha256"], f"global/{r} params")
+        return params, meta, None
+
+    def _train(self, r: int, private, last: int, *, progress: bool):
+        """Trains round r from global/r (or its broadcast copy), checked against the signed hashes."""
+        params, meta, start = self._download(r, private, last)
         batches = select.next_batches(self.iterator, self.fed.H)
         t = time.perf_counter()
         report = (
@@ -130,7 +169,7 @@ class SiloWorker:
             else None
         )
         out = self.fed.train_silo(params, private, batches, r, report)
-        return out, time.perf_counter() - t, meta["params_sha256"]
+        return out, time.perf_counter() - t, params, start, base_sha256(meta)
 
     def catch_up(self, r: int) -> tuple[dict[str, Any], int]:
         """The private state as of the start of round r: replays committed rounds it has not saved."""
@@ -141,8 +180,8 @@ class SiloWorker:
                     self.name,
                     f"round {q}: committed before a restart; replaying it to rebuild the private state",
                 )
-                out, _, _ = self._train(q, private, progress=False)
-                private = self.fed.next_private(private, out)
+                out, _, params, _, _ = self._train(q, private, last, progress=False)
+                private = self._next_private(out, params)
                 self._save_private(q, private)
                 last = q
         return private, last
@@ -195,7 +234,7 @@ class SiloWorker:
                 secure = SiloProtocol(self.store, self.trust, self.name, self.workdir, self.poll)
                 spec = self.fed.secure.spec(self.run_id, r, len(meta["sampled"]))
                 joined = secure.load(spec) if committed else secure.begin(spec)
-            out, secs, base = self._train(r, private, progress=not committed)
+            out, secs, params, start, base = self._train(r, private, last, progress=not committed)
             del private
             loss = float(out.metrics["loss"].mean())
             tokens = float(out.metrics["tokens"].sum())
@@ -221,6 +260,7 @@ class SiloWorker:
                     "finished_at": time.time(),
                     "flops": tokens * model_lib.flops_per_token(self.fed.silo.model_config, self.fed.seq_len),
                     "base_global_sha256": base,  # binds the update to the global it was trained from
+                    **({"download_from": start} if start is not None else {}),
                     **extra,
                 }
                 if payload is not None:
@@ -231,7 +271,7 @@ class SiloWorker:
             if pause:
                 log(self.name, f"pausing after the commit of round {r} for {pause}s")
                 time.sleep(pause)
-            self._save_private(r, self.fed.next_private({}, out))
+            self._save_private(r, self._next_private(out, params))
             if secure is not None and joined:
                 secure.respond(r)
             if max_rounds is not None and uploads >= max_rounds:

@@ -100,9 +100,17 @@ class Store:
 
     # ------------------------------------------------------------------ global state
 
-    def publish_global(self, round: int, params: PyTree, opt_state: PyTree, meta: Mapping[str, Any]) -> bool:
-        """Atomically writes global/<round>; returns False without writing if it exists."""
-        return self._checkpoints.publish_global(round, params, opt_state, meta)
+    def publish_global(
+        self,
+        round: int,
+        params: PyTree,
+        opt_state: PyTree,
+        meta: Mapping[str, Any],
+        extra: Mapping[str, PyTree] | None = None,
+    ) -> bool:
+        """Atomically writes global/<round> (with the `extra` array items, `layout.GLOBAL_EXTRA_ITEMS`);
+        returns False without writing if it exists."""
+        return self._checkpoints.publish_global(round, params, opt_state, meta, extra)
 
     def global_rounds(self) -> list[int]:
         return self._checkpoints.global_rounds()
@@ -117,7 +125,11 @@ class Store:
 
     def read_global_params(self, round: int, abstract_params: PyTree) -> PyTree:
         """The params of global/<round> alone (eval, export, generate)."""
-        return self._checkpoints.read_global_params(round, abstract_params)
+        return self._checkpoints.read_global_item(round, "params", abstract_params)
+
+    def read_global_item(self, round: int, item: str, abstract: PyTree) -> PyTree:
+        """One array item of global/<round> alone (FileNotFoundError if the round has none)."""
+        return self._checkpoints.read_global_item(round, item, abstract)
 
     def read_global_meta(self, round: int) -> dict[str, Any]:
         return self._checkpoints.read_global_meta(round)

@@ -48,7 +48,9 @@ class Checkpoints:
     def global_manager(self) -> ocp.CheckpointManager:
         if self._global is None:
             path = self.root.orbax_path(layout.GLOBAL)
-            self._global = _manager(path, ("params", "opt_state", "meta"), self.keep_globals)
+            self._global = _manager(
+                path, ("params", "opt_state", "meta", *layout.GLOBAL_EXTRA_ITEMS), self.keep_globals
+            )
         return self._global
 
     def global_rounds(self) -> list[int]:
@@ -60,9 +62,17 @@ class Checkpoints:
         rounds = self.global_rounds()
         return rounds[-1] if rounds else None
 
-    def publish_global(self, round: int, params: PyTree, opt_state: PyTree, meta: Mapping[str, Any]) -> bool:
+    def publish_global(
+        self,
+        round: int,
+        params: PyTree,
+        opt_state: PyTree,
+        meta: Mapping[str, Any],
+        extra: Mapping[str, PyTree] | None = None,
+    ) -> bool:
         """Writes global/<round> atomically; False (and nothing written) if it already exists."""
         meta = layout.global_meta(round, meta)
+        extra = layout.global_extra_items(extra)
         if round in self.global_rounds():
             log.info("global/%d already published; not rewriting it", round)
             return False
@@ -73,6 +83,7 @@ class Checkpoints:
                 params=ocp.args.StandardSave(params),
                 opt_state=ocp.args.StandardSave(opt_state),
                 meta=ocp.args.JsonSave(meta),
+                **{name: ocp.args.StandardSave(tree) for name, tree in extra.items()},
             ),
             force=True,
         )
@@ -98,11 +109,13 @@ class Checkpoints:
         )
         return out["params"], out["opt_state"], dict(out["meta"])
 
-    def read_global_params(self, round: int, abstract_params: PyTree) -> PyTree:
-        out = self._require_global(round).restore(
-            round, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))
-        )
-        return out["params"]
+    def read_global_item(self, round: int, item: str, abstract: PyTree) -> PyTree:
+        m = self._require_global(round)
+        try:
+            out = m.restore(round, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(abstract)}))
+        except KeyError:
+            raise FileNotFoundError(f"global/{round} in {self.root.url} has no {item!r}") from None
+        return out[item]
 
     def read_global_meta(self, round: int) -> dict[str, Any]:
         out = self._require_global(round).restore(round, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))

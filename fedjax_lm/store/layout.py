@@ -80,6 +80,20 @@ def global_meta(round: int, meta: Any) -> dict[str, Any]:
     return meta
 
 
+# Array items a global/<round> may carry besides params and opt_state: the compressed download's
+# broadcast copy and the round's delta to it (fedjax_lm/download.py).
+GLOBAL_EXTRA_ITEMS = ("broadcast", "download")
+
+
+def global_extra_items(extra: Any) -> dict[str, Any]:
+    """The extra array items of a global checkpoint, refused if one is not a GLOBAL_EXTRA_ITEMS name."""
+    extra = dict(extra or {})
+    unknown = sorted(set(extra) - set(GLOBAL_EXTRA_ITEMS))
+    if unknown:
+        raise ValueError(f"a global checkpoint carries no item {unknown}; known: {list(GLOBAL_EXTRA_ITEMS)}")
+    return extra
+
+
 def update_dir(round: int, silo: str) -> str:
     return f"{UPDATES}/{check_round(round)}/{check_silo_name(silo)}/"
 

@@ -156,9 +156,17 @@ class TensorStoreCheckpoints:
         rounds = self.global_rounds()
         return rounds[-1] if rounds else None
 
-    def publish_global(self, round: int, params: PyTree, opt_state: PyTree, meta: Mapping[str, Any]) -> bool:
+    def publish_global(
+        self,
+        round: int,
+        params: PyTree,
+        opt_state: PyTree,
+        meta: Mapping[str, Any],
+        extra: Mapping[str, PyTree] | None = None,
+    ) -> bool:
         meta = layout.global_meta(round, meta)
-        done = self._save(f"{layout.GLOBAL}/", round, {"params": params, "opt_state": opt_state}, meta)
+        items = {"params": params, "opt_state": opt_state, **layout.global_extra_items(extra)}
+        done = self._save(f"{layout.GLOBAL}/", round, items, meta)
         if done:
             self._prune(f"{layout.GLOBAL}/", self.keep_globals)
         return done
@@ -174,9 +182,14 @@ class TensorStoreCheckpoints:
             self._meta(folder, round),
         )
 
-    def read_global_params(self, round: int, abstract_params: PyTree) -> PyTree:
+    def read_global_item(self, round: int, item: str, abstract: PyTree) -> PyTree:
         self._require(f"{layout.GLOBAL}/", round, f"global/{round}")
-        return self._restore(f"{layout.GLOBAL}/", round, "params", abstract_params)
+        try:
+            return self._restore(f"{layout.GLOBAL}/", round, item, abstract)
+        except ValueError as e:
+            if "NOT_FOUND" not in str(e):
+                raise
+            raise FileNotFoundError(f"global/{round} in {self.root.url} has no {item!r}") from None
 
     def read_global_meta(self, round: int) -> dict[str, Any]:
         self._require(f"{layout.GLOBAL}/", round, f"global/{round}")
