@@ -35,7 +35,16 @@ def make_keys(tmp_path, members=MEMBERS):
     return keys
 
 
-def make_config(small_corpus, tmp_path, *, rounds=3, deadline_s=60.0, signed=False, **deploy_overrides):
+def make_config(
+    small_corpus,
+    tmp_path,
+    *,
+    rounds=3,
+    deadline_s=60.0,
+    signed=False,
+    download_compression="none",
+    **deploy_overrides,
+):
     if signed:
         deploy_overrides["allow_list"] = str(make_keys(tmp_path) / "federation.json")
     c = config_lib.load_config(
@@ -45,6 +54,7 @@ def make_config(small_corpus, tmp_path, *, rounds=3, deadline_s=60.0, signed=Fal
     c.model.update(dict(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, vocab_size=512))
     c.train.update(dict(seq_len=32, batch_size=4, eval_batches=2))
     c.mesh.update(dict(data=1, fsdp=1, tensor=1))
+    c.federation.download_compression = download_compression
     c.federation.deploy.update(
         dict(deadline_s=deadline_s, adaptive_deadline=False, poll_s=0.1, **deploy_overrides)
     )
@@ -248,8 +258,11 @@ def test_killed_silo_round_closes_at_deadline_and_silo_rejoins(small_corpus, tmp
     assert "uploaded" in p.log("lines-restarted")
 
 
-def test_killed_aggregator_resumes_the_same_round_to_the_same_params(small_corpus, tmp_path, procs):
-    config, spec = make_config(small_corpus, tmp_path, rounds=2)
+@pytest.mark.parametrize("download", ["none", "int8"])
+def test_killed_aggregator_resumes_the_same_round_to_the_same_params(small_corpus, tmp_path, procs, download):
+    """kill -9 between aggregation and publish; with the compressed download the resumed aggregator
+    rebuilds the next broadcast copy and delta from global/0's copy: same params, same ledger."""
+    config, spec = make_config(small_corpus, tmp_path, rounds=2, download_compression=download)
     p = procs["p"] = Procs(tmp_path, spec)
     # the aggregator pauses between aggregation and publishing global/1: kill -9 it there
     p.aggregator(env={"FEDJAX_PAUSE_BEFORE_PUBLISH_S": "30"})
@@ -265,7 +278,9 @@ def test_killed_aggregator_resumes_the_same_round_to_the_same_params(small_corpu
     p.wait("aggregator2")
     assert "resuming at round 0" in p.log("aggregator2")
     got, _ = final_params(config, p.store, 2)
-    assert_equals_simulation(config, tmp_path, got)
+    sim = assert_equals_simulation(config, tmp_path, got)
+    summary = json.loads((tmp_path / "agg" / "summary.json").read_text())
+    assert summary["communication"] == json.loads(json.dumps(sim["communication"]))
     # one metrics row per round although round 0 was closed twice
     assert [json.loads(line)["round"] for line in open(tmp_path / "agg" / "metrics" / "rounds.jsonl")] == [
         0,

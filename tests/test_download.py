@@ -148,8 +148,7 @@ def test_a_silo_rebuilds_the_copy_from_deltas_and_falls_back_to_the_full_copy(sm
 def test_deployment_with_compressed_download_equals_the_simulation(small_corpus, tmp_path, procs):
     """Silos train from the broadcast copy they rebuild from the store's deltas: the same params, ledger
     and per-round bytes as the simulation, bit for bit, through a silo killed after its commit."""
-    config, spec = make_config(small_corpus, tmp_path, rounds=4, signed=True)
-    config.federation.download_compression = "int8"
+    config, spec = make_config(small_corpus, tmp_path, rounds=4, signed=True, download_compression="int8")
     config.federation.silos_per_round = 2  # silos skip rounds: some downloads are chains of deltas
     path = tmp_path / "config.json"
     path.write_text(config.to_json_best_effort())
