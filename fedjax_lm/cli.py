@@ -46,6 +46,12 @@ _SOURCE = flags.DEFINE_multi_string(
 _SWEEP = flags.DEFINE_string(
     "sweep", None, "Sweep name: the function sweep_NAME(add, base) in the --config file"
 )
+_CARDS = flags.DEFINE_string(
+    "cards", None, "Cards folder: project.yaml, datasets/<silo>.yaml, models/<id>.yaml"
+)
+_FLOP = flags.DEFINE_float("flop", None, "Measured training compute in FLOP (Art. 51)")
+_PROJECTED_FLOP = flags.DEFINE_float("projected_flop", None, "Planned training compute in FLOP (Art. 51)")
+_SCHEMA = flags.DEFINE_boolean("schema", False, "Print every card's fields (type, article, meaning) and exit")
 _PRINT_ONLY = flags.DEFINE_boolean(
     "print-only", False, "Print one `train` command per point (for a scheduler) and run nothing"
 )
@@ -113,6 +119,12 @@ VERBS = {
         "run every point of a sweep defined next to its config (resumable), then one table and plots",
         ("config", "sweep", "workdir", "print-only"),
         "python -m fedjax_lm sweep --config experiments/photon.py:size=tiny --sweep rounds_vs_H --workdir runs/sweep",
+    ),
+    "comply": Verb(
+        "the EU AI Act analysis of a cards folder: verdict.json + report.md (exit 2 if prohibited or unmet)",
+        ("cards", "flop", "projected_flop", "out", "schema"),
+        "python -m fedjax_lm comply --cards experiments/cards/default --out runs/compliance",
+        needs_config=False,
     ),
 }
 
@@ -286,6 +298,32 @@ def _cmd_silo(config) -> None:
     deploy.SiloWorker(config, _store_root(config), name, workdir=_WORKDIR.value).run()
 
 
+def _cmd_comply(config) -> None:
+    import json
+
+    from fedjax_lm import compliance
+    from fedjax_lm.compliance import cards as cards_lib
+
+    if _SCHEMA.value:
+        print(cards_lib.schema_table())
+        return
+    folder = _require(_CARDS, "cards", "comply")
+    verdict = compliance.analyse(
+        compliance.load_dir(folder), measured_flop=_FLOP.value, projected_flop=_PROJECTED_FLOP.value
+    )
+    text = compliance.report(verdict)
+    print(text, end="")
+    if _OUT.value:
+        os.makedirs(_OUT.value, exist_ok=True)
+        with open(os.path.join(_OUT.value, "verdict.json"), "w") as f:
+            json.dump(verdict.to_json(), f, indent=1)
+        with open(os.path.join(_OUT.value, "report.md"), "w") as f:
+            f.write(text)
+        print(f"wrote {_OUT.value}/verdict.json and report.md")
+    if verdict.status in ("prohibited", "non_compliant"):
+        sys.exit(2)
+
+
 def _cmd_sweep(config) -> None:
     from fedjax_lm import sweep
 
@@ -328,8 +366,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def _load_config(verb: str):
     config = _CONFIG.value
-    if verb == "keygen":
-        return None  # no config: a key belongs to a member, not to a run
+    if verb in ("keygen", "comply"):
+        return None  # no config: a key belongs to a member, cards to a project, not to a run
     if config is None and not VERBS[verb].needs_config and _WORKDIR.value:
         from fedjax_lm import runs
 

@@ -1,0 +1,251 @@
+"""Compliance cards and the EU AI Act analysis: a compliant project and each way one fails."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from fedjax_lm import compliance
+from fedjax_lm.compliance import cards as cards_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+PROJECT = {
+    "name": "federated pre-training",
+    "provider": "the consortium",
+    "placed_on_eu_market": True,
+    "scientific_research_only": False,
+    "kind": "gpai_model",
+    "intended_purposes": ["general text generation"],
+    "prohibited_practices": {name: False for name in cards_lib.PROHIBITED_PRACTICES},
+    "interacts_with_people": False,
+    "generates_synthetic_content": True,
+    "marks_synthetic_content": True,
+    "copyright_policy": True,
+    "training_content_summary": True,
+    "technical_documentation": True,
+    "downstream_information": True,
+}
+LICENSED = {
+    "name": "news archive",
+    "silo": "news",
+    "source_category": "licensed",
+    "modality": "text",
+    "size_range": "1M-1B tokens",
+    "latest_collection_date": "2026-05-01",
+    "licence": "LicenseRef-news-archive",
+    "personal_data": False,
+}
+CRAWLED = {
+    "name": "forum crawl",
+    "silo": "forum",
+    "source_category": "crawled",
+    "modality": "text",
+    "licence": "CC-BY-4.0",
+    "tdm_opt_out_checked": True,
+    "tdm_opt_out_method": "tdmrep",
+    "personal_data": True,
+    "special_categories": False,
+    "legal_basis": "legitimate_interests",
+    "anonymisation": "pseudonymised",
+}
+TRAINED = {"name": "fedjax-tiny", "kind": "trained", "licence": "Apache-2.0", "weights_public": True}
+
+
+def write_cards(folder, project=None, datasets=None, models=None):
+    """A cards folder (YAML) from dicts; None keeps the compliant example's card."""
+    os.makedirs(folder / "datasets", exist_ok=True)
+    os.makedirs(folder / "models", exist_ok=True)
+    (folder / "project.yaml").write_text(yaml.safe_dump(project or PROJECT))
+    for silo, card in (datasets or {"news": LICENSED, "forum": CRAWLED}).items():
+        (folder / "datasets" / f"{silo}.yaml").write_text(yaml.safe_dump(card))
+    for name, card in (models or {"trained": TRAINED}).items():
+        (folder / "models" / f"{name}.json").write_text(json.dumps(card))
+    return str(folder)
+
+
+def verdict_of(tmp_path, **kw):
+    flops = {k: kw.pop(k) for k in ("measured_flop", "projected_flop") if k in kw}
+    return compliance.analyse(compliance.load_dir(write_cards(tmp_path / "cards", **kw)), **flops)
+
+
+def by_field(items, field):
+    return [f for f in items if f.field == field]
+
+
+def test_a_compliant_open_source_gpai_project(tmp_path):
+    v = verdict_of(tmp_path, measured_flop=3.2e15)
+    assert v.status == "compliant", compliance.report(v)
+    c = v.classification
+    assert c["gpai_model"] is True and c["systemic_risk"] is False and c["high_risk"] is False
+    assert c["open_source_exemption"] is True  # Apache-2.0, weights public, no systemic risk
+    exempt = [f for f in v.findings if "Art. 53(2)" in f.article]
+    assert {f.article for f in exempt} == {"Art. 53(1)(a), Art. 53(2)", "Art. 53(1)(b), Art. 53(2)"}
+    assert any(f.article == "Art. 53(1)(c)" and f.field == "tdm_opt_out_checked" for f in v.findings)
+    report = compliance.report(v)
+    assert report.startswith("# EU AI Act analysis: COMPLIANT") and "3.2e+15 FLOP" in report
+
+
+def test_a_prohibited_practice_stops_the_analysis(tmp_path):
+    project = {**PROJECT, "prohibited_practices": {**PROJECT["prohibited_practices"], "social_scoring": True}}
+    bad_data = {**CRAWLED, "legal_basis": "none"}  # would be unmet, but nothing else is evaluated
+    v = verdict_of(tmp_path, project=project, datasets={"forum": bad_data})
+    assert v.status == "prohibited"
+    assert [(f.article, f.field) for f in v.findings] == [
+        ("Art. 5(1)(c)", "prohibited_practices.social_scoring")
+    ]
+
+
+def test_a_silo_missing_a_high_risk_purpose_is_unmet(tmp_path):
+    governance = {item: True for item in cards_lib.DATA_GOVERNANCE_ITEMS}
+    project = {**PROJECT, "kind": "ai_system", "intended_purposes": ["employment", "chat"]}
+    news = {**LICENSED, "intended_purposes": ["employment"], "data_governance": governance}
+    forum = {**CRAWLED, "intended_purposes": ["chat"], "data_governance": governance}
+    model = {**TRAINED, "intended_purposes": ["employment", "chat"]}
+    v = verdict_of(
+        tmp_path, project=project, datasets={"news": news, "forum": forum}, models={"trained": model}
+    )
+    assert v.classification["high_risk"] is True and v.classification["high_risk_purposes"] == ["employment"]
+    assert v.status == "non_compliant"
+    (unmet,) = v.unmet
+    assert unmet.card.endswith("datasets/forum.yaml") and unmet.field == "intended_purposes"
+    assert "Annex III(4)" in unmet.article and "'employment'" in unmet.reason
+    # an Art. 6(3) exception takes the system out of high-risk: no purpose check, no Art. 10
+    v = verdict_of(
+        tmp_path,
+        project={**project, "art_6_3_exception": "narrow procedural task (Art. 6(3)(a))"},
+        datasets={"news": news, "forum": forum},
+        measured_flop=1e18,  # an AI system of known compute: not a GPAI model, nothing unknown
+    )
+    assert v.classification["high_risk"] is False and v.status == "compliant", compliance.report(v)
+
+
+def test_personal_data_without_a_legal_basis_is_unmet_and_an_unstated_one_unknown(tmp_path):
+    v = verdict_of(tmp_path, datasets={"forum": {**CRAWLED, "legal_basis": "none"}})
+    assert v.status == "non_compliant"
+    (unmet,) = v.unmet
+    assert unmet.article == "GDPR Art. 6(1)" and unmet.field == "legal_basis"
+    unstated = {k: x for k, x in CRAWLED.items() if k != "legal_basis"}
+    v = verdict_of(tmp_path, datasets={"forum": unstated})
+    assert v.status == "incomplete" and not v.unmet
+    assert [f.field for f in v.unknown] == ["legal_basis"]
+
+
+def test_an_unknown_tdm_status_is_unknown_not_unmet(tmp_path):
+    unchecked = {k: x for k, x in CRAWLED.items() if k not in ("tdm_opt_out_checked", "tdm_opt_out_method")}
+    v = verdict_of(tmp_path, datasets={"forum": unchecked})
+    assert v.status == "incomplete" and not v.unmet
+    (unknown,) = v.unknown
+    assert unknown.article == "Art. 53(1)(c)" and unknown.field == "tdm_opt_out_checked"
+    v = verdict_of(tmp_path, datasets={"forum": {**CRAWLED, "tdm_opt_out_checked": False}})
+    assert v.status == "non_compliant" and v.unmet[0].field == "tdm_opt_out_checked"
+    # a null is a missing answer, not "no"
+    v = verdict_of(tmp_path, datasets={"forum": {**CRAWLED, "tdm_opt_out_checked": None}})
+    assert v.status == "incomplete"
+
+
+def test_an_open_source_model_over_1e25_flop_loses_the_exemption(tmp_path):
+    project = {**PROJECT, "technical_documentation": False, "downstream_information": False}
+    v = verdict_of(tmp_path, project=project, measured_flop=1e24)
+    assert v.status == "compliant" and v.classification["open_source_exemption"] is True
+    for flops in ({"measured_flop": 2e25}, {"measured_flop": 1e21, "projected_flop": 3e25}):
+        v = verdict_of(tmp_path, project=project, **flops)
+        c = v.classification
+        assert c["systemic_risk"] is True and c["open_source_exemption"] is False
+        assert {f.article for f in v.unmet} == {"Art. 53(1)(a)", "Art. 53(1)(b)"}
+        assert all("systemic-risk model keeps the obligation" in f.reason for f in v.unmet)
+        assert {f.article for f in v.unknown} == set(cards_lib.SYSTEMIC_RISK_ITEMS.values())  # Art. 55
+
+
+def test_gpai_status_follows_measured_compute_and_is_unknown_without_it(tmp_path):
+    system = {**PROJECT, "kind": "ai_system"}
+    assert verdict_of(tmp_path, project=system).classification["gpai_model"] is None
+    assert verdict_of(tmp_path, project=system, measured_flop=5e22).classification["gpai_model"] is False
+    v = verdict_of(tmp_path, project=system, measured_flop=2e23)
+    assert v.classification["gpai_model"] is True
+    assert any(f.article == "Art. 53(1)(d)" for f in v.findings)
+
+
+def test_research_only_and_off_market_projects_are_out_of_scope(tmp_path):
+    assert (
+        verdict_of(tmp_path, project={**PROJECT, "scientific_research_only": True}).status == "out_of_scope"
+    )
+    v = verdict_of(tmp_path, project={**PROJECT, "placed_on_eu_market": False})
+    assert v.status == "out_of_scope" and v.findings[-1].article == "Art. 2(1)"
+
+
+@pytest.mark.parametrize(
+    "card, message",
+    [
+        (
+            {**LICENSED, "licence": "Apache 2.0"},
+            r"news.yaml: field 'licence' is 'Apache 2.0'; expected an SPDX",
+        ),
+        ({**LICENSED, "personal_data": "no"}, r"field 'personal_data' is 'no'; expected true or false"),
+        (
+            {**LICENSED, "source_category": "scraped"},
+            r"field 'source_category' is 'scraped'; expected one of",
+        ),
+        ({**LICENSED, "latest_collection_date": "May 2026"}, r"expected a date YYYY-MM-DD"),
+        ({**LICENSED, "licnce": "MIT"}, r"unknown field 'licnce' in a data card"),
+        ({**LICENSED, "silo": "other"}, r"field 'silo' is 'other'; expected 'news' \(the file name\)"),
+        (
+            {**LICENSED, "data_governance": {"bias_checks": True}},
+            r"field 'data_governance' .* expected a mapping of",
+        ),
+    ],
+)
+def test_a_bad_card_names_the_file_the_field_and_the_expected_value(tmp_path, card, message):
+    folder = write_cards(tmp_path / "cards", datasets={"news": card})
+    with pytest.raises(compliance.CardError, match=message):
+        compliance.load_dir(folder)
+
+
+def test_unreadable_or_missing_cards_are_refused_clearly(tmp_path):
+    folder = tmp_path / "cards"
+    os.makedirs(folder)
+    with pytest.raises(compliance.CardError, match="no project.yaml"):
+        compliance.load_dir(str(folder))
+    (folder / "project.yaml").write_text("name: [unclosed\n")
+    with pytest.raises(compliance.CardError, match=r"project.yaml: not valid YAML"):
+        compliance.load_dir(str(folder))
+    (folder / "project.yaml").write_text("- a list\n")
+    with pytest.raises(compliance.CardError, match="must be a mapping of fields"):
+        compliance.load_dir(str(folder))
+
+
+def test_comply_command_writes_the_verdict_and_fails_on_unmet(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+
+    def comply(folder, out):
+        return subprocess.run(
+            [sys.executable, "-m", "fedjax_lm", "comply", "--cards", folder, "--flop", "1e18", "--out", out],
+            capture_output=True, text=True, cwd=ROOT, env=env,
+        )  # fmt: skip
+
+    ok = comply(write_cards(tmp_path / "ok"), str(tmp_path / "out-ok"))
+    assert ok.returncode == 0, ok.stderr
+    verdict = json.loads((tmp_path / "out-ok" / "verdict.json").read_text())
+    assert verdict["status"] == "compliant" and verdict["classification"]["training_flop_measured"] == 1e18
+    bad = comply(
+        write_cards(tmp_path / "bad", datasets={"forum": {**CRAWLED, "legal_basis": "none"}}),
+        str(tmp_path / "out-bad"),
+    )
+    assert bad.returncode == 2 and "NON_COMPLIANT" in bad.stdout
+    assert "GDPR Art. 6(1)" in (tmp_path / "out-bad" / "report.md").read_text()
+    broken = write_cards(tmp_path / "broken", datasets={"news": {**LICENSED, "modality": 3}})
+    r = comply(broken, str(tmp_path / "out-broken"))
+    assert r.returncode == 1 and "field 'modality' is 3" in r.stderr
+    schema = subprocess.run(
+        [sys.executable, "-m", "fedjax_lm", "comply", "--schema"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+    )
+    assert (
+        schema.returncode == 0 and "| tdm_opt_out_checked | true or false | Art. 53(1)(c) |" in schema.stdout
+    )
