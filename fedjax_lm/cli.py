@@ -49,6 +49,9 @@ _SWEEP = flags.DEFINE_string(
 _CARDS = flags.DEFINE_string(
     "cards", None, "Cards folder: project.yaml, datasets/<silo>.yaml, models/<id>.yaml"
 )
+_CORPUS = flags.DEFINE_string(
+    "corpus", None, "A prepared corpus: Data cards generated from its corpus.json for silos without one"
+)
 _FLOP = flags.DEFINE_float("flop", None, "Measured training compute in FLOP (Art. 51)")
 _PROJECTED_FLOP = flags.DEFINE_float("projected_flop", None, "Planned training compute in FLOP (Art. 51)")
 _SCHEMA = flags.DEFINE_boolean("schema", False, "Print every card's fields (type, article, meaning) and exit")
@@ -122,8 +125,8 @@ VERBS = {
     ),
     "comply": Verb(
         "the EU AI Act analysis of a cards folder: verdict.json + report.md (exit 2 if prohibited or unmet)",
-        ("cards", "flop", "projected_flop", "out", "schema"),
-        "python -m fedjax_lm comply --cards experiments/cards/default --out runs/compliance",
+        ("cards", "corpus", "flop", "projected_flop", "out", "schema"),
+        "python -m fedjax_lm comply --cards experiments/cards --corpus cache/corpus --out runs/compliance",
         needs_config=False,
     ),
 }
@@ -308,9 +311,8 @@ def _cmd_comply(config) -> None:
         print(cards_lib.schema_table())
         return
     folder = _require(_CARDS, "cards", "comply")
-    verdict = compliance.analyse(
-        compliance.load_dir(folder), measured_flop=_FLOP.value, projected_flop=_PROJECTED_FLOP.value
-    )
+    cards = compliance.load_dir(folder, _CORPUS.value)
+    verdict = compliance.analyse(cards, measured_flop=_FLOP.value, projected_flop=_PROJECTED_FLOP.value)
     text = compliance.report(verdict)
     print(text, end="")
     if _OUT.value:
@@ -319,7 +321,18 @@ def _cmd_comply(config) -> None:
             json.dump(verdict.to_json(), f, indent=1)
         with open(os.path.join(_OUT.value, "report.md"), "w") as f:
             f.write(text)
-        print(f"wrote {_OUT.value}/verdict.json and report.md")
+        generated = {s: c for s, c in cards.datasets.items() if "corpus.json#" in c.path}
+        if generated:  # for the silos' owners to review and complete
+            import yaml
+
+            os.makedirs(os.path.join(_OUT.value, "datasets"), exist_ok=True)
+            for silo, card in generated.items():
+                with open(os.path.join(_OUT.value, "datasets", f"{silo}.yaml"), "w") as f:
+                    yaml.safe_dump(dict(card.fields), f, sort_keys=False, allow_unicode=True)
+        print(
+            f"wrote {_OUT.value}/verdict.json and report.md"
+            + (f" and {len(generated)} generated Data cards" if generated else "")
+        )
     if verdict.status in ("prohibited", "non_compliant"):
         sys.exit(2)
 

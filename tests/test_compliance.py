@@ -249,3 +249,28 @@ def test_comply_command_writes_the_verdict_and_fails_on_unmet(tmp_path):
     assert (
         schema.returncode == 0 and "| tdm_opt_out_checked | true or false | Art. 53(1)(c) |" in schema.stdout
     )
+
+
+def test_data_cards_generated_from_what_prepare_recorded(small_corpus, tmp_path):
+    from fedjax_lm.compliance import corpus_cards
+
+    info = json.loads(open(os.path.join(small_corpus.corpus_dir, "corpus.json")).read())
+    generated = corpus_cards.data_cards(small_corpus.corpus_dir)
+    assert sorted(generated) == sorted(info["silos"])
+    for silo, fields in generated.items():
+        card = cards_lib.parse("data", fields, f"corpus.json#{silo}")  # valid against the schema
+        meta = info["silos"][silo]
+        assert card.get("size_tokens") == meta["train_tokens"] + meta["val_tokens"]
+        assert (
+            card.get("personal_data") is None and card.get("intended_purposes") is None
+        )  # the owner's to say
+    assert corpus_cards.spdx_id("GPL-2+") == "GPL-2.0-or-later"
+    assert corpus_cards.spdx_id("Some Licence v1") == "LicenseRef-Some-Licence-v1"
+    # a silo's own card wins over the generated one; the others are generated and analysed
+    own = {**LICENSED, "silo": "code"}
+    folder = write_cards(tmp_path / "cards", datasets={"code": own})
+    cards = compliance.load_dir(folder, small_corpus.corpus_dir)
+    assert set(cards.datasets) == set(info["silos"]) and cards.datasets["code"].get("name") == "news archive"
+    v = compliance.analyse(cards, measured_flop=1e15)
+    unknown = {(f.card.rsplit("#", 1)[-1], f.field) for f in v.unknown}
+    assert {(s, "personal_data") for s in info["silos"] if s != "code"} <= unknown

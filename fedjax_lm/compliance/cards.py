@@ -361,8 +361,10 @@ def _stem(path: str) -> str:
     return os.path.splitext(os.path.basename(path))[0]
 
 
-def load_dir(folder: str) -> CardSet:
-    """project.yaml, datasets/*.yaml and models/*.yaml of `folder` (see the module docstring)."""
+def load_dir(folder: str, corpus_dir: str | None = None) -> CardSet:
+    """project.yaml, datasets/*.yaml and models/*.yaml of `folder` (see the module docstring); with
+    `corpus_dir`, a silo of that prepared corpus without a card of its own gets the one generated from
+    what prepare recorded (`corpus_cards`)."""
     projects = [p for p in _card_files(folder) if _stem(p) == "project"]
     if not projects:
         raise CardError(f"{folder}: no project.yaml (or project.json): the Project card is required")
@@ -377,6 +379,12 @@ def load_dir(folder: str) -> CardSet:
                 f"{path}: field 'silo' is {card.get('silo')!r}; expected {silo!r} (the file name)"
             )
         datasets[silo] = card
+    if corpus_dir is not None:
+        from fedjax_lm.compliance import corpus_cards
+
+        for silo, fields in corpus_cards.data_cards(corpus_dir).items():
+            if silo not in datasets:
+                datasets[silo] = parse("data", fields, f"{corpus_dir}/corpus.json#{silo}")
     models = {_stem(p): load("model", p) for p in _card_files(os.path.join(folder, "models"))}
     return CardSet(load("project", projects[0]), datasets, models)
 
