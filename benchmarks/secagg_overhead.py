@@ -45,7 +45,7 @@ from fedjax_lm import config as config_lib  # noqa: E402
 from fedjax_lm import silo as silo_lib  # noqa: E402
 from fedjax_lm import store as store_lib  # noqa: E402
 from fedjax_lm.deploy.common import Trust  # noqa: E402
-from fedjax_lm.deploy.secure_protocol import AggregatorProtocol, Channel, path  # noqa: E402
+from fedjax_lm.deploy.secure_protocol import AggregatorProtocol, channel, path  # noqa: E402
 
 BOUND = 0.05
 
@@ -133,7 +133,7 @@ def secure_round(root, names, updates, trusts, like, dropped):
     spec = secagg.RoundSpec("bench", 0, secure.threshold_for(0, k), secagg.FixedPoint(BOUND, k))
     clocks = {n: Clock() for n in names}
     agg = Clock()
-    channels = {n: Channel(store, trusts[n], n) for n in names}
+    channels = {n: channel(store, trusts[n], n) for n in names}
     key = secure.aggregator_key(b"b" * 32, "bench", 0)
     proto = AggregatorProtocol(store, trusts[identity.AGGREGATOR], spec, key, phase_s=600.0, poll_s=0.0)
     states = {}

@@ -38,9 +38,9 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import x25519
 
-from fedjax_lm import identity
 from fedjax_lm import ring
 from fedjax_lm import secagg
+from fedjax_lm.deploy.channel import Channel, MessageError
 from fedjax_lm.deploy.common import Trust, log
 
 PREFIX = "secagg"
@@ -48,7 +48,7 @@ MESSAGE_DOMAIN = b"fedjax_lm/secagg-message/v1"
 MAX_MESSAGE_BYTES = 8 << 20  # a shares file holds one ~400-byte ciphertext per member
 
 
-class ProtocolError(ValueError):
+class ProtocolError(MessageError):
     """A protocol message that cannot be used (missing signature, wrong sender, malformed)."""
 
 
@@ -71,50 +71,9 @@ def _unb64(text: Any, what: str) -> bytes:
         raise ProtocolError(f"{what} is not valid base64") from None
 
 
-class Channel:
-    """Signed JSON messages through the store, as one member of the federation."""
-
-    def __init__(self, store: Any, trust: Trust, me: str):
-        self.store, self.trust, self.me = store, trust, me
-        self.bytes_written = 0
-
-    def put(self, key: str, body: Mapping[str, Any]) -> bytes:
-        msg = {**body, "from": self.me}
-        if self.trust.signer is not None:
-            msg["signature"] = self.trust.signer.sign(MESSAGE_DOMAIN, identity.canonical_json(msg))
-        data = json.dumps(msg, sort_keys=True).encode()
-        self.store.objects.put(key, data)
-        self.bytes_written += len(data)
-        return data
-
-    def raw(self, key: str) -> bytes | None:
-        return self.store.objects.get(key)
-
-    def get(self, key: str, sender: str, data: bytes | None = None) -> dict[str, Any] | None:
-        """The message at `key` from `sender` (None if absent); ProtocolError if it is not usable."""
-        if data is None:
-            data = self.raw(key)
-        if data is None:
-            return None
-        if len(data) > MAX_MESSAGE_BYTES:
-            raise ProtocolError(f"{key} is {len(data):,} bytes, more than the cap of {MAX_MESSAGE_BYTES:,}")
-        try:
-            msg = json.loads(data)
-        except ValueError:
-            raise ProtocolError(f"{key} does not parse as JSON") from None
-        if not isinstance(msg, dict) or msg.get("from") != sender:
-            raise ProtocolError(f"{key} is not a message from {sender!r}")
-        if self.trust.allow is not None:
-            body = {k: v for k, v in msg.items() if k != "signature"}
-            try:
-                problem = self.trust.allow.verify(
-                    sender, MESSAGE_DOMAIN, identity.canonical_json(body), msg.get("signature")
-                )
-            except ValueError:
-                problem = "holds non-finite numbers"
-            if problem:
-                raise ProtocolError(f"{key}: {problem}")
-        return msg
+def channel(store: Any, trust: Trust, me: str) -> Channel:
+    """`me`'s signed-message channel in the secure-aggregation domain."""
+    return Channel(store, trust, me, domain=MESSAGE_DOMAIN, max_bytes=MAX_MESSAGE_BYTES)
 
 
 def wait_phase(
@@ -207,7 +166,7 @@ class SiloProtocol:
     """One silo's side of secure aggregation, round by round, with its state in its own workdir."""
 
     def __init__(self, store: Any, trust: Trust, name: str, workdir: str, poll_s: float):
-        self.ch = Channel(store, trust, name)
+        self.ch = channel(store, trust, name)
         self.store, self.name, self.poll = store, name, poll_s
         self.dir = os.path.join(workdir, "secagg")
         self.state: secagg.SiloState | None = None
@@ -249,7 +208,7 @@ class SiloProtocol:
         while True:
             try:
                 msg = self.ch.get(path(r, kind), secagg.AGGREGATOR)
-            except ProtocolError as e:
+            except MessageError as e:
                 raise ProtocolError(f"round {r}: {kind}: {e}") from None
             if msg is not None:
                 return msg
@@ -339,7 +298,7 @@ class AggregatorProtocol:
         phase_s: float,
         poll_s: float,
     ):
-        self.ch = Channel(store, trust, secagg.AGGREGATOR)
+        self.ch = channel(store, trust, secagg.AGGREGATOR)
         self.store, self.spec, self.key = store, spec, key
         self.phase_s, self.poll = phase_s, poll_s
         self.r = spec.round
