@@ -131,8 +131,9 @@ def with_new_defaults(obj: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(obj)
     if isinstance(out.get("federation"), dict):
         defaults = federation.default_federation_config().to_dict()
-        if "deploy" not in out["federation"]:  # a store's shared config leaves deploy out
+        if "deploy" not in out["federation"]:  # a store's shared config leaves each process's own out
             defaults.pop("deploy")
+            defaults.pop("compliance")
         out["federation"] = _lists(_with_defaults(defaults, out["federation"]))
     if isinstance(out.get("optim"), dict):
         out["optim"] = _lists(_with_defaults(optim.default_optim_config().to_dict(), out["optim"]))

@@ -36,6 +36,7 @@ from jax.sharding import Mesh
 from fedjax_lm import compression
 from fedjax_lm import diagnostics
 from fedjax_lm import download
+from fedjax_lm.compliance import gate as compliance_gate
 from fedjax_lm import dp_round
 from fedjax_lm import model as model_lib
 from fedjax_lm import monitor
@@ -79,6 +80,8 @@ def default_federation_config() -> ml_collections.ConfigDict:
             dp=ml_collections.ConfigDict(dp_round.default_config()),
             # Secure aggregation (fedjax_lm/secure.py): the aggregator sees only the round's sum.
             secagg=ml_collections.ConfigDict(secure.default_config()),
+            # The EU AI Act gate (fedjax_lm/compliance/gate.py): this process's cards folder and policy.
+            compliance=ml_collections.ConfigDict(compliance_gate.default_config()),
             trim_fraction=robust.DEFAULT_TRIM_FRACTION,  # trimmed_mean: dropped at EACH end, in [0, 0.5)
             outer=outer.default_outer_config("fedavg"),
             parallel=False,  # simulation: train the K silos of a round in one vmapped program
@@ -146,6 +149,7 @@ def check_config(fed: Mapping[str, Any]) -> None:
         raise ValueError(f"federation.clip_norm_ratio must be >= 0, got {fed['clip_norm_ratio']}")
     dp_round.check_config(fed)
     secure.check_config(fed)
+    compliance_gate.check_config(fed["compliance"])
     if fed["aggregate_inner_moments"] and fed["inner_state"] != "keep":
         raise ValueError("federation.aggregate_inner_moments needs federation.inner_state='keep'")
     try:
@@ -506,6 +510,12 @@ class Federation:
         return jax.device_put(shared, self.silo.opt_shardings)
 
     # -- accounting ------------------------------------------------------------------------------
+    def projected_flop(self) -> float:
+        """Training compute the configured run will spend: rounds x silos per round x H x B x L tokens
+        x `model.flops_per_token` (the compliance analysis projects Art. 51 from it)."""
+        tokens = self.rounds * self.expected_silos * self.H * self.batch_size * self.seq_len
+        return float(tokens * model_lib.flops_per_token(self.silo.model_config, self.seq_len))
+
     def round_row(
         self,
         r: int,

@@ -40,6 +40,7 @@ from fedjax_lm import federation as fed_lib
 from fedjax_lm import model as model_lib
 from fedjax_lm import monitor
 from fedjax_lm import outer
+from fedjax_lm.compliance import gate as compliance_gate
 from fedjax_lm import runs
 from fedjax_lm import secagg
 from fedjax_lm import secure
@@ -67,6 +68,7 @@ class Simulation:
         # each silo holds (what its next download costs).
         self.broadcast = None
         self.held: dict[str, int] = {}
+        self.excluded: Mapping[str, Any] = {}  # silo -> why the compliance gate keeps it out
 
     def init(self, seed: int) -> tuple[outer.OuterState, dict[str, SiloPrivate]]:
         server = self.fed.init_server(seed)
@@ -140,7 +142,7 @@ class Simulation:
 
     def round(self, server, privates, r: int, timer: monitor.PhaseTimer, ledger: monitor.CommLedger):
         f = self.fed
-        sampled = f.sample(r)
+        sampled = [n for n in f.sample(r) if n not in self.excluded]  # the compliance gate's decision
         with timer.phase("local_train"):
             start = server.params if self.broadcast is None else self.broadcast
             outs = self.run_clients(start, privates, sampled, r)
@@ -315,9 +317,17 @@ def train(
     sim.noise_secret = runs.noise_secret(workdir) if f.dp_on else None
     end = last if stop_after_round is None else min(last, stop_after_round)
     eval_every, ckpt_every = int(config.federation.eval_every), int(config.federation.checkpoint_every)
+    gate = compliance_gate.Gate(config.federation.compliance, workdir, f.names)
+    flops_done = sum(row.get("flops", 0) for row in monitor.rows_by_round(workdir, "rounds").values())
     for r in range(start, end):
         t0 = time.perf_counter()
+        if gate.on:  # before the round's first step: the first round, and whenever a card changed
+            cards = compliance_gate.local_data_cards(gate.folder, f.names, config.data.corpus_dir)
+            sim.excluded = gate.check(r, cards, measured_flop=flops_done, projected_flop=f.projected_flop())
         server, row = sim.round(server, privates, r, timer, ledger)
+        flops_done += row["flops"]
+        if gate.on:
+            row["excluded"] = sorted(sim.excluded)
         if row["train_loss"] is not None and not math.isfinite(row["train_loss"]):
             raise runs.NonFiniteLossError(
                 f"round {r}: silo train loss became {row['train_loss']}; the last round checkpoint is "

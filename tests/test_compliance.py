@@ -274,3 +274,100 @@ def test_data_cards_generated_from_what_prepare_recorded(small_corpus, tmp_path)
     v = compliance.analyse(cards, measured_flop=1e15)
     unknown = {(f.card.rsplit("#", 1)[-1], f.field) for f in v.unknown}
     assert {(s, "personal_data") for s in info["silos"] if s != "code"} <= unknown
+
+
+def gated_config(small_corpus, folder, **compliance_fields):
+    from tests.test_simulation import fed_config
+
+    c = fed_config(small_corpus, rounds=2)
+    c.federation.compliance.update(dict(cards=str(folder), **compliance_fields))
+    return c
+
+
+def test_the_simulation_gate_excludes_a_silo_whose_card_fails_until_it_is_fixed(small_corpus, tmp_path):
+    from fedjax_lm import simulation
+
+    bad = {**CRAWLED, "silo": "lines", "legal_basis": "none"}
+    folder = write_cards(tmp_path / "cards", datasets={"lines": bad})  # code and prose: generated cards
+    workdir = tmp_path / "run"
+    config = gated_config(small_corpus, folder)
+    simulation.train(config, str(workdir), stop_after_round=1)
+    rows = [json.loads(x) for x in open(workdir / "metrics" / "rounds.jsonl")]
+    assert rows[0]["silos"] == 2 and rows[0]["excluded"] == ["lines"] and "lines" not in rows[0]["accepted"]
+    history = [json.loads(x) for x in open(workdir / "compliance" / "history.jsonl")]
+    assert [(h["round"], h["trigger"]) for h in history] == [(0, "start")]
+    assert "GDPR Art. 6(1)" in history[0]["excluded"]["lines"][0]
+    verdict = json.loads((workdir / "compliance" / "verdict.json").read_text())
+    assert (
+        verdict["excluded"] == history[0]["excluded"]
+        and verdict["classification"]["training_flop_projected"] > 0
+    )
+    # the silo's owner fixes the card: the resumed run re-analyses and admits it
+    (tmp_path / "cards" / "datasets" / "lines.yaml").write_text(
+        yaml.safe_dump({**bad, "legal_basis": "consent"})
+    )
+    simulation.train(config, str(workdir))
+    rows = [json.loads(x) for x in open(workdir / "metrics" / "rounds.jsonl")]
+    assert [r["silos"] for r in rows] == [2, 3] and rows[1]["excluded"] == []
+    history = [json.loads(x) for x in open(workdir / "compliance" / "history.jsonl")]
+    assert [(h["round"], h["trigger"], h["excluded"]) for h in history][1] == (1, "resume", {})
+
+
+def test_a_gate_stops_before_any_training_step(small_corpus, tmp_path):
+    from fedjax_lm import simulation
+    from fedjax_lm.compliance.gate import ComplianceStop
+
+    bad = {**CRAWLED, "silo": "lines", "tdm_opt_out_checked": False}
+    folder = write_cards(tmp_path / "cards", datasets={"lines": bad})
+    with pytest.raises(ComplianceStop, match=r"policy=stop: silo lines: Art. 53\(1\)\(c\)"):
+        simulation.train(gated_config(small_corpus, folder, policy="stop"), str(tmp_path / "stop"))
+    assert (
+        not (tmp_path / "stop" / "metrics" / "rounds.jsonl").exists()
+        or not (tmp_path / "stop" / "metrics" / "rounds.jsonl").read_text()
+    )
+    project = {**PROJECT, "prohibited_practices": {"social_scoring": True}}
+    folder = write_cards(tmp_path / "cards2", project=project)
+    with pytest.raises(
+        ComplianceStop, match=r"prohibited practice \(Art. 5\) stops the run: Art. 5\(1\)\(c\)"
+    ):
+        simulation.train(gated_config(small_corpus, folder), str(tmp_path / "prohibited"))
+    with pytest.raises(ValueError, match="federation.compliance.policy must be one of"):
+        simulation.train(gated_config(small_corpus, folder, policy="warn"), str(tmp_path / "bad"))
+
+
+@pytest.mark.multiprocess
+def test_a_silo_joining_mid_run_with_a_bad_card_is_excluded_before_its_update_counts(
+    small_corpus, tmp_path, procs
+):
+    from fedjax_lm import store as store_lib
+    from tests.test_deploy import Procs, assert_equals_simulation, final_params, make_config, wait_until
+
+    bad = {**CRAWLED, "silo": "lines", "legal_basis": "none"}
+    folder = write_cards(
+        tmp_path / "cards", datasets={"lines": bad}
+    )  # code, prose: generated from the corpus
+    config, spec = make_config(small_corpus, tmp_path, rounds=3, deadline_s=8.0, signed=True)
+    config.federation.compliance.cards = folder
+    (tmp_path / "config.json").write_text(config.to_json_best_effort())
+    p = procs["p"] = Procs(tmp_path, spec)
+    store = store_lib.Store(p.store)
+    p.aggregator()
+    p.silo("code")
+    p.silo("prose")
+    wait_until(lambda: (store.latest_global() or 0) >= 1, what="round 0 to close without lines")
+    p.silo("lines")  # joins in round 1, publishing its (signed) card first
+    p.wait("aggregator")
+    for s in ("code", "prose", "lines"):
+        p.wait(s)
+    meta2 = store.read_global_meta(2)  # the close of round 1
+    assert (
+        "lines" not in meta2["accepted"] and "excluded by the compliance gate" in meta2["rejected"]["lines"]
+    )
+    assert "GDPR Art. 6(1)" in meta2["rejected"]["lines"]
+    assert "lines" not in store.read_global_meta(2)["sampled"]  # and no longer sampled
+    history = [json.loads(x) for x in open(tmp_path / "agg" / "compliance" / "history.jsonl")]
+    triggers = [(h["round"], h["trigger"]) for h in history]
+    assert triggers[0] == (0, "start") and (1, "silo lines joined") in triggers, triggers
+    assert "uploaded" in p.log("lines")  # it trained and uploaded; the gate kept the update out
+    got, _ = final_params(config, p.store, 3)
+    assert_equals_simulation(config, tmp_path, got)  # the simulation excludes it from the start

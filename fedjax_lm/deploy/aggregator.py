@@ -37,6 +37,8 @@ from fedjax_lm.deploy.common import (
     shared_config,
     silo_names,
 )
+from fedjax_lm.compliance import gate as gate_lib
+from fedjax_lm.deploy import cards as card_lib
 from fedjax_lm.deploy import downloads
 from fedjax_lm.deploy.secure_protocol import AggregatorProtocol
 
@@ -83,6 +85,9 @@ class Aggregator:
             tuple[int, str], tuple[bytes | None, str | None]
         ] = {}  # marker -> problem
         self.deadlines = Deadlines(self.deploy)
+        self.gate = gate_lib.Gate(
+            config.federation.compliance, workdir, self.fed.names, log=lambda m: log("aggregator", m)
+        )
         self._lock = None  # held while run() runs
         self.ledger = monitor.CommLedger()
 
@@ -96,7 +101,7 @@ class Aggregator:
         now = time.time()
         meta = {
             "round": r,
-            "sampled": self.fed.sample(r),
+            "sampled": [s for s in self.fed.sample(r) if s not in self.gate.excluded],
             "published_at": now,
             "deadline": now + self.deadlines.next(),
             # What silos train from and updates are bound to; signed with the rest of the meta.
@@ -195,6 +200,35 @@ class Aggregator:
             log("aggregator", f"ignored late update of silo {silo} for closed round {r - 1}")
         return late
 
+    def check_compliance(self, r: int) -> dict[str, list[str]]:
+        """The gate on the members' published Data cards (re-analysed when one joined or changed); a
+        member that has not published one yet has not joined and is not held against."""
+        if not self.gate.on:
+            return {}
+        flops = sum(float(row.get("flops", 0) or 0) for row in monitor.rows_by_round(self.workdir).values())
+        return self.gate.check(
+            r,
+            card_lib.read_all(self.store, self.trust, self.fed.names),
+            measured_flop=flops,
+            projected_flop=self.fed.projected_flop(),
+            absent_ok=self.fed.names,
+        )
+
+    def _gate_rejections(self, r: int, silos) -> dict[str, str]:
+        """Updates that do not count because of the compliance gate: an excluded silo, or (require_data_card)
+        one that uploaded without publishing a Data card."""
+        if not self.gate.on:
+            return {}
+        excluded = self.check_compliance(r)
+        published = set(card_lib.read_all(self.store, self.trust, list(silos)))
+        out = {}
+        for silo in silos:
+            if silo in excluded:
+                out[silo] = "excluded by the compliance gate: " + "; ".join(excluded[silo])
+            elif self.gate.require and silo not in published:
+                out[silo] = "no Data card published (federation.compliance.require_data_card)"
+        return {s: str(store_lib.UpdateRejected(s, r, why)) for s, why in out.items()}
+
     def close_round(self, r: int, server: outer.OuterState, meta: Mapping[str, Any]):
         if self.fed.secure is not None:
             return self._close_secure_round(r, server, meta)
@@ -213,7 +247,11 @@ class Aggregator:
                 f"{rest} more updates for round {r} under names that are not members"
             )
             log("aggregator", f"REJECTED {rejected['(more non-members)']}")
-        for silo in sorted(set(members) | set(committed)):  # unsampled members too
+        gated = self._gate_rejections(r, sorted(set(members) | set(committed)))
+        for silo, reason in gated.items():
+            rejected[silo] = reason
+            log("aggregator", f"REJECTED {reason}")
+        for silo in sorted((set(members) | set(committed)) - set(gated)):  # unsampled members too
             try:
                 manifests[silo] = self.store.validate_update(
                     r,
@@ -256,6 +294,7 @@ class Aggregator:
             silo_seconds=seconds,
             update_norms={s: m["validation"]["norm"] for s, m in manifests.items()},  # as validated
             down_bytes=self._down_bytes(manifests, accepted, r),
+            **({"excluded": sorted(self.gate.excluded)} if self.gate.on else {}),
             **self.fed.privacy_fields(r + 1, clipped, clip),
         )
         if self.fed.dp_round.adaptive is not None:
@@ -312,7 +351,8 @@ class Aggregator:
         spec = sec.spec(self.run_id, r, len(sampled))
         key = secure.aggregator_key(runs.noise_secret(self.workdir), self.run_id, r)
         proto = AggregatorProtocol(self.store, self.trust, spec, key, sec.phase_s, float(self.deploy.poll_s))
-        members = proto.members(sampled)
+        excluded = self.check_compliance(r)  # an excluded silo is kept out of U1: its input never counts
+        members = proto.members([s for s in sampled if s not in excluded])
         senders = proto.senders(sorted(members))
         committed = self.wait_for_round(r, meta, expected=senders, quorum=0)  # the deadline decides
         late = self._log_late_updates(r)

@@ -50,7 +50,8 @@ def shared_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
             node = node.get(p) if isinstance(node, dict) else None
         out[dotted] = node
     if isinstance(out.get("federation"), dict):
-        out["federation"] = {k: v for k, v in out["federation"].items() if k != "deploy"}
+        # each process's own: where its store, keys and cards are
+        out["federation"] = {k: v for k, v in out["federation"].items() if k not in ("deploy", "compliance")}
     return out
 
 

@@ -28,6 +28,7 @@ from fedjax_lm.deploy.common import (
     load_trust,
     log,
 )
+from fedjax_lm.deploy import cards as card_lib
 from fedjax_lm.deploy.downloads import SiloDownloads, base_sha256
 from fedjax_lm.deploy.secure_protocol import SiloProtocol
 
@@ -70,6 +71,7 @@ class SiloWorker:
         corpus = select.ensure_corpus(data_cfg)
         select.check_vocab(self.config, corpus)
         corpus.check_silos([self.name])
+        self.corpus_dir = data_cfg.corpus_dir
         self.iterator = select.silo_iterator(corpus, self.name, self.config)
         self.run_id = str(run.get("run_id") or run["fingerprint"])
         fed = fed_lib.Federation(self.config, run["silos"])
@@ -216,6 +218,10 @@ class SiloWorker:
         self.fed = self._join()
         uploads = 0
         while True:
+            # only metadata leaves the silo; published at joining and whenever it changes
+            card_lib.publish(
+                self.store, self.trust, self.name, card_lib.own_card(self.config, self.name, self.corpus_dir)
+            )
             r = self.store.latest_global()
             if r >= self.fed.rounds:
                 log(self.name, f"federation finished at round {r}")
