@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from experiments import common
 from fedjax_lm import federation
 from fedjax_lm import outer
@@ -56,6 +58,9 @@ def build(arg: str | None, recipe: str, defaults: dict):
     f.rounds, f.local_steps, f.silos_per_round = v["rounds"], v["H"], v["K"]
     f.compression, f.inner_state, f.parallel = v["compression"], v["inner_state"], v["parallel"]
     f.eval_every = v["eval_every"]
+    # The compliance gate with the example Project card (an open model of this project); each silo's
+    # Data card is generated from the corpus unless the folder holds one (fedjax_lm/compliance/gate.py).
+    f.compliance.cards = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cards")
     f.outer = outer.default_outer_config(v["outer"])
     if v["outer_lr"]:
         f.outer.lr = v["outer_lr"]

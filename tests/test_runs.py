@@ -53,6 +53,12 @@ def test_a_run_written_before_fields_were_added_resumes_unless_one_really_differ
         runs.ConfigMismatch, match=r"1 fields differ: federation.download_compression: 'none' -> 'int8'"
     ):
         runs.open_workdir(work, changed, "federated")
+    # where the compliance cards are kept (another checkout, another machine) is not what the run is
+    del old["config"]["federation"]["compliance"]
+    path.write_text(json.dumps(old))
+    moved = fed_config(small_corpus)
+    moved.federation.compliance.cards = str(tmp_path)
+    runs.open_workdir(work, moved, "federated")  # resumes
 
 
 def test_a_damaged_run_json_is_named(tmp_path):
