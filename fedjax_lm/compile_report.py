@@ -49,5 +49,11 @@ def report(config: ml_collections.ConfigDict, batch_size: int | None = None) -> 
     if cost:
         c = cost[0] if isinstance(cost, list) else cost
         if "flops" in c:
-            lines.append(f"XLA cost analysis: {c['flops']:.3e} FLOPs per step per device")
+            rolled = (
+                silo.model_config.scan_layers and silo.model_config.scan_unroll < silo.model_config.n_layers
+            )
+            lines.append(
+                f"XLA cost analysis: {c['flops']:.3e} FLOPs per step per device"
+                + (" (a rolled layer scan is counted once, not per layer)" if rolled else "")
+            )
     return "\n".join(lines)

@@ -541,6 +541,9 @@ class Federation:
             up={s: self.payload_bytes + self.moment_bytes for s in accepted},
             dp_equivalent=monitor.dp_allreduce_bytes(self.param_bytes, self.H, len(accepted)),
         )
+        fpt = model_lib.flops_per_token(
+            self.silo.model_config, self.seq_len
+        )  # formula: model.flops_per_token
         loss = None
         reported = {s: a["loss"] for s, a in accepted.items() if a.get("loss") is not None and tokens[s] > 0}
         if reported:
@@ -551,7 +554,8 @@ class Federation:
             "accepted": sorted(accepted),
             "tokens": sum(tokens.values()),
             "train_loss": loss,
-            "flops": sum(tokens.values()) * model_lib.flops_per_token(self.silo.model_config, self.seq_len),
+            "flops": sum(tokens.values()) * fpt,
+            **{f"flops/{s}": n * fpt for s, n in sorted(tokens.items())},
             "bytes_up": comm["bytes_up"],
             "bytes_down": comm["bytes_down"],
             "dp_equivalent_bytes": comm["dp_equivalent_bytes"],

@@ -35,6 +35,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from fedjax_lm import checkpoint as ckpt_lib
 from fedjax_lm import config as config_lib
 from fedjax_lm import dp_round
+from fedjax_lm import energy
 from fedjax_lm import evaluate as eval_lib
 from fedjax_lm import federation as fed_lib
 from fedjax_lm import model as model_lib
@@ -69,6 +70,8 @@ class Simulation:
         self.broadcast = None
         self.held: dict[str, int] = {}
         self.excluded: Mapping[str, Any] = {}  # silo -> why the compliance gate keeps it out
+        self.meter = energy.Meter(config.federation.compliance.energy)
+        self.lifecycle: dict[str, Any] = {}  # the last round's per-silo seconds and energy (round_row extra)
 
     def init(self, seed: int) -> tuple[outer.OuterState, dict[str, SiloPrivate]]:
         server = self.fed.init_server(seed)
@@ -87,19 +90,30 @@ class Simulation:
         """The sampled silos' rounds from `params` (the global, or its broadcast copy)."""
         batches = {n: select.next_batches(privates[n].iterator, self.fed.H) for n in sampled}
         if self.fed.fed.parallel:
-            return self._run_parallel(params, privates, sampled, r, batches)
-        return {
-            n: self.fed.train_silo(
-                params,
-                privates[n].arrays,
-                batches[n],
-                r,
-                monitor.round_progress(n, r + 1, self.fed.H, self.fed.batch_size * self.fed.seq_len)
-                if self.progress
-                else None,
-            )
-            for n in sampled
-        }
+            t0 = time.perf_counter()
+            with self.meter.measure() as used:
+                outs = jax.block_until_ready(self._run_parallel(params, privates, sampled, r, batches))
+            # one program trains them all: its time and energy are shared by tokens (equal here)
+            self.lifecycle = _lifecycle({n: (time.perf_counter() - t0, used) for n in sampled}, len(sampled))
+            return outs
+        outs, measured = {}, {}
+        for n in sampled:
+            t0 = time.perf_counter()
+            with self.meter.measure() as used:
+                outs[n] = jax.block_until_ready(
+                    self.fed.train_silo(
+                        params,
+                        privates[n].arrays,
+                        batches[n],
+                        r,
+                        monitor.round_progress(n, r + 1, self.fed.H, self.fed.batch_size * self.fed.seq_len)
+                        if self.progress
+                        else None,
+                    )
+                )
+            measured[n] = (time.perf_counter() - t0, used)
+        self.lifecycle = _lifecycle(measured, 1)
+        return outs
 
     def _run_parallel(self, params, privates, sampled, r, batches) -> dict[str, fed_lib.ClientOutput]:
         """The K sampled silos as one vmapped `client_round` over a leading silo axis."""
@@ -199,6 +213,7 @@ class Simulation:
             update_norms=norms,
             **geometry,
             **f.privacy_fields(r + 1, clipped, clip),
+            **self.lifecycle,
             down_bytes=down,
         )
 
@@ -249,7 +264,24 @@ class Simulation:
             rejected={n: "update not finite: not sent (secure aggregation dropout)" for n in dropped},
             **secure.row_fields(result.survivors, result.dropped, sum(result.saturated.values())),
             **f.privacy_fields(r + 1, clipped),
+            **self.lifecycle,
         )
+
+
+def _lifecycle(measured: Mapping[str, tuple[float, Mapping[str, Any]]], share: int) -> dict[str, Any]:
+    """Row fields of the silos' training: seconds/<silo> and, when metered, energy_kwh/<silo> and the
+    round's energy_kwh, co2_kg and energy_source. With `share` > 1 every silo holds the same measurement
+    of one program that trained them all, split evenly."""
+    row: dict[str, Any] = {f"seconds/{n}": t / share for n, (t, _) in measured.items()}
+    used = {n: u for n, (_, u) in measured.items() if u}
+    if not used:
+        return row
+    row.update({f"energy_kwh/{n}": u["energy_kwh"] / share for n, u in used.items()})
+    row["energy_kwh"] = sum(u["energy_kwh"] for u in used.values()) / share
+    co2 = [u["co2_kg"] for u in used.values()]
+    row["co2_kg"] = None if any(c is None for c in co2) else sum(co2) / share
+    row["energy_source"] = next(iter(used.values()))["energy_source"]
+    return row
 
 
 def _checkpoint_items(server, privates, broadcast=None) -> dict[str, Any]:
@@ -357,6 +389,7 @@ def train(
             }
             ckpt.save(r + 1, _checkpoint_items(server, privates, sim.broadcast), meta)
     ckpt.close()
+    sim.meter.close()
     if end < last:
         writer.close()
         return {"stopped_at_round": end, "server": server}
@@ -380,6 +413,9 @@ def train(
         "val": result,
         "communication": comm,
     }
+    rows = monitor.rows_by_round(workdir, "rounds")
+    summary["flops"] = sum(float(row.get("flops", 0) or 0) for row in rows.values())
+    summary["energy"] = energy.totals(rows)
     if f.dp_on:
         summary["privacy"] = f.dp_round.summary(last, sim.clip_norm)
     runs.write_json_atomic(os.path.join(workdir, "summary.json"), summary)

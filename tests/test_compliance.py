@@ -371,3 +371,9 @@ def test_a_silo_joining_mid_run_with_a_bad_card_is_excluded_before_its_update_co
     assert "uploaded" in p.log("lines")  # it trained and uploaded; the gate kept the update out
     got, _ = final_params(config, p.store, 3)
     assert_equals_simulation(config, tmp_path, got)  # the simulation excludes it from the start
+    # lifecycle: the silos metered their training and the aggregator's rows and summary carry it
+    rows = [json.loads(x) for x in open(tmp_path / "agg" / "metrics" / "rounds.jsonl")]
+    assert all(r["energy_kwh"] > 0 and r["energy_source"] == "reported by the silos" for r in rows)
+    assert all(f"energy_kwh/{s}" in rows[1] for s in rows[1]["accepted"])
+    summary = json.loads((tmp_path / "agg" / "summary.json").read_text())
+    assert summary["energy"]["energy_kwh"] == pytest.approx(sum(r["energy_kwh"] for r in rows))

@@ -27,6 +27,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from fedjax_lm import energy
 from fedjax_lm.compliance import analysis
 from fedjax_lm.compliance import cards as cards_lib
 from fedjax_lm.compliance import corpus_cards
@@ -39,10 +40,12 @@ def default_config() -> dict[str, Any]:
         cards="",  # the project's cards folder; "" = no gate
         policy="exclude",  # a silo whose own Data card fails: "exclude" it, or "stop" the run
         require_data_card=True,  # a silo with no Data card at all counts as failing
+        energy=energy.default_config(),  # lifecycle monitoring: how training energy is metered (energy.py)
     )
 
 
 def check_config(cfg: Mapping[str, Any]) -> None:
+    energy.check_config(cfg["energy"])
     if cfg["policy"] not in POLICIES:
         raise ValueError(f"federation.compliance.policy must be one of {POLICIES}, got {cfg['policy']!r}")
     folder = str(cfg["cards"])

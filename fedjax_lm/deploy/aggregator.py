@@ -15,6 +15,7 @@ import ml_collections
 from fedjax_lm import config as config_lib
 from fedjax_lm import data as data_lib
 from fedjax_lm import dp_round
+from fedjax_lm import energy
 from fedjax_lm import evaluate as eval_lib
 from fedjax_lm import federation as fed_lib
 from fedjax_lm import identity
@@ -43,6 +44,20 @@ from fedjax_lm.deploy import downloads
 from fedjax_lm.deploy.secure_protocol import AggregatorProtocol
 
 MAX_STRANGERS_LOGGED = 16  # updates under names that are not members: reported by name up to this many
+
+
+def _reported_energy(manifests: Mapping[str, Any]) -> dict[str, Any]:
+    """The validated silos' self-reported training energy: energy_kwh/<silo> and the round's totals."""
+    kwh = {s: m["energy_kwh"] for s, m in manifests.items() if "energy_kwh" in m}
+    if not kwh:
+        return {}
+    co2 = [manifests[s].get("co2_kg") for s in kwh]
+    return {
+        **{f"energy_kwh/{s}": v for s, v in sorted(kwh.items())},
+        "energy_kwh": float(sum(kwh.values())),
+        "co2_kg": None if any(c is None for c in co2) else float(sum(co2)),
+        "energy_source": "reported by the silos",
+    }
 
 
 class Deadlines:
@@ -295,6 +310,7 @@ class Aggregator:
             update_norms={s: m["validation"]["norm"] for s, m in manifests.items()},  # as validated
             down_bytes=self._down_bytes(manifests, accepted, r),
             **({"excluded": sorted(self.gate.excluded)} if self.gate.on else {}),
+            **_reported_energy(manifests),
             **self.fed.privacy_fields(r + 1, clipped, clip),
         )
         if self.fed.dp_round.adaptive is not None:
@@ -585,6 +601,9 @@ class Aggregator:
             "params": model_lib.param_count(self.fed.silo.model_config),
             "communication": self.ledger.totals(),
         }
+        rows = monitor.rows_by_round(self.workdir)
+        summary["flops"] = sum(float(row.get("flops", 0) or 0) for row in rows.values())
+        summary["energy"] = energy.totals(rows)
         if self.fed.dp_on:
             clip = dp_round.clip_of(self.store.read_global_meta(last), self.fed.dp_round.initial_clip)
             summary["privacy"] = self.fed.dp_round.summary(last, clip)

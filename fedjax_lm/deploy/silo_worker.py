@@ -12,6 +12,7 @@ import jax
 import ml_collections
 
 from fedjax_lm import config as config_lib
+from fedjax_lm import energy
 from fedjax_lm import federation as fed_lib
 from fedjax_lm import model as model_lib
 from fedjax_lm import monitor
@@ -55,6 +56,8 @@ class SiloWorker:
         self.trust = load_trust(config, name)
         build_sources.check_sources(config.data.sources)  # before waiting for the federation
         self.fed: fed_lib.Federation | None = None  # built once the store's run.json is there
+        self.meter = energy.Meter(config.federation.compliance.energy)
+        self.energy_used: dict[str, Any] = {}
         self.iterator = None
 
     def _join(self) -> fed_lib.Federation:
@@ -170,7 +173,8 @@ class SiloWorker:
             if progress
             else None
         )
-        out = self.fed.train_silo(params, private, batches, r, report)
+        with self.meter.measure() as self.energy_used:
+            out = jax.block_until_ready(self.fed.train_silo(params, private, batches, r, report))
         return out, time.perf_counter() - t, params, start, base_sha256(meta)
 
     def catch_up(self, r: int) -> tuple[dict[str, Any], int]:
@@ -215,6 +219,12 @@ class SiloWorker:
 
     def run(self, max_rounds: int | None = None) -> int:
         """Takes part until the last round; returns the number of updates it uploaded."""
+        try:
+            return self._take_part(max_rounds)
+        finally:
+            self.meter.close()
+
+    def _take_part(self, max_rounds: int | None) -> int:
         self.fed = self._join()
         uploads = 0
         while True:
@@ -266,6 +276,11 @@ class SiloWorker:
                     "finished_at": time.time(),
                     "flops": tokens * model_lib.flops_per_token(self.fed.silo.model_config, self.fed.seq_len),
                     "base_global_sha256": base,  # binds the update to the global it was trained from
+                    **{
+                        k: self.energy_used[k]
+                        for k in ("energy_kwh", "co2_kg")
+                        if self.energy_used.get(k) is not None
+                    },
                     **({"download_from": start} if start is not None else {}),
                     **extra,
                 }
