@@ -123,6 +123,12 @@ VERBS = {
         ("config", "sweep", "workdir", "print-only"),
         "python -m fedjax_lm sweep --config experiments/photon.py:size=tiny --sweep rounds_vs_H --workdir runs/sweep",
     ),
+    "report": Verb(
+        "the AI Act documents of a finished run: Annex XI technical documentation, training-content summary",
+        ("workdir", "out"),
+        "python -m fedjax_lm report --workdir runs/photon",
+        needs_config=False,
+    ),
     "comply": Verb(
         "the EU AI Act analysis of a cards folder: verdict.json + report.md (exit 2 if prohibited or unmet)",
         ("cards", "corpus", "flop", "projected_flop", "out", "schema"),
@@ -257,6 +263,16 @@ def _cmd_export(config) -> None:
         raise FileNotFoundError(f"no tokenizer at {tok}: the run's corpus is gone; run `prepare` again")
     export.export_hf_llama(jax.device_get(params), silo.model_config, out, tokenizer_path=tok)
     print(f"exported {what} to {out} (Hugging Face Llama format, tokenizer.model beside the weights)")
+    from fedjax_lm.compliance import documents
+
+    try:
+        card = documents.hf_model_card(documents.gather(workdir))
+    except FileNotFoundError as e:  # an unfinished run: weights without a card
+        print(f"no model card: {e}")
+    else:
+        with open(os.path.join(out, "README.md"), "w") as f:
+            f.write(card)
+        print(f"model card: {out}/README.md")
 
 
 def _cmd_keygen(config) -> None:
@@ -299,6 +315,14 @@ def _cmd_silo(config) -> None:
             "`silo` needs --silo NAME (or one --source NAME=SPEC) (python -m fedjax_lm silo --help)"
         )
     deploy.SiloWorker(config, _store_root(config), name, workdir=_WORKDIR.value).run()
+
+
+def _cmd_report(config) -> None:
+    from fedjax_lm.compliance import documents
+
+    workdir = _require(_WORKDIR, "workdir", "report")
+    for path in documents.write_reports(workdir, _OUT.value):
+        print(f"wrote {path}")
 
 
 def _cmd_comply(config) -> None:
@@ -379,7 +403,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def _load_config(verb: str):
     config = _CONFIG.value
-    if verb in ("keygen", "comply"):
+    if verb in ("keygen", "comply", "report"):
         return None  # no config: a key belongs to a member, cards to a project, not to a run
     if config is None and not VERBS[verb].needs_config and _WORKDIR.value:
         from fedjax_lm import runs

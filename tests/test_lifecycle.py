@@ -106,3 +106,62 @@ def test_rows_and_summary_carry_flops_seconds_and_energy_per_silo(small_corpus, 
     assert summary["energy"]["rounds"] == 2
     assert summary["flops"] == pytest.approx(sum(r["flops"] for r in rows))
     assert np.isfinite(summary["flops"]) and jax.process_count() == 1
+
+
+def test_report_and_export_write_the_documents_from_measured_figures(small_corpus, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.test_compliance import ROOT, write_cards
+
+    config = fed_config(small_corpus, rounds=2)
+    config.federation.compliance.cards = write_cards(tmp_path / "cards")
+    config.federation.compliance.energy.grid_gco2_per_kwh = 300.0
+    summary = simulation.train(config, str(tmp_path / "run"))
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+
+    def verb(*args):
+        r = subprocess.run(
+            [sys.executable, "-m", "fedjax_lm", *args], capture_output=True, text=True, cwd=ROOT, env=env
+        )
+        assert r.returncode == 0, r.stderr[-2000:]
+        return r.stdout
+
+    verb("report", "--workdir", str(tmp_path / "run"))
+    reports = tmp_path / "run" / "reports"
+    doc = json.loads((reports / "technical_documentation.json").read_text())
+    compute = doc["2_development_process"]["d_compute"]
+    assert compute["training_flop"] == pytest.approx(summary["flops"])
+    assert compute["energy_kwh"] == pytest.approx(summary["energy"]["energy_kwh"])
+    assert compute["co2_eq_kg"] == pytest.approx(summary["energy"]["energy_kwh"] * 0.3)
+    assert doc["1_general_description"]["f_licence"] == "Apache-2.0"
+    assert set(doc["2_development_process"]["c_data"]) == {"code", "lines", "prose"}
+    assert doc["1_general_description"]["b_acceptable_use_policy"] == "unknown"  # never guessed
+    assert (
+        doc["compliance_verdict"]
+        == json.loads((tmp_path / "run" / "compliance" / "verdict.json").read_text())["status"]
+    )
+    content = json.loads((reports / "training_content_summary.json").read_text())
+    assert set(content) == {
+        "template",
+        "1_general_information",
+        "2_list_of_data_sources",
+        "3_data_processing",
+    }
+    assert content["1_general_information"]["training_tokens"] == summary["tokens"]
+    listed = [e["silo"] for entries in content["2_list_of_data_sources"].values() for e in entries]
+    assert sorted(listed) == ["code", "lines", "prose"]
+    assert (
+        (reports / "training_content_summary.md")
+        .read_text()
+        .startswith("# Public summary of training content")
+    )
+    verb("export", "--workdir", str(tmp_path / "run"), "--out", str(tmp_path / "hf"))
+    card = (tmp_path / "hf" / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---")[1])
+    assert meta["license"] == "apache-2.0" and meta["pipeline_tag"] == "text-generation"
+    assert meta["co2_eq_emissions"]["emissions"] == pytest.approx(summary["energy"]["energy_kwh"] * 300.0)
+    assert "energy_source" not in meta and summary["energy"]["energy_source"] in card

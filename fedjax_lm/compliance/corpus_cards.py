@@ -3,9 +3,11 @@
 What prepare knows goes in: the sources each silo mixes (package and version, or folder / file), their
 licences (mapped to SPDX ids), the tokens, the sha256 of the text, the date the corpus was built.
 What it cannot know stays out, so the analysis reports it as unknown for the silo's owner to answer:
-whether the text holds personal data, its legal basis, the intended purposes. Debian packages are
-redistributed under the licence their copyright file states, so no text-and-data-mining exception is
-relied on (source_category "licensed").
+whether the text holds personal data, its legal basis, the intended purposes. The default corpus's
+Debian packages are publicly available (source_category "public") under the open licence their
+copyright file states, which grants the use: no text-and-data-mining exception is relied on
+(tdm_opt_out_method "licence_terms"). Other sources (a user's folder or JSONL) are the owner's to
+describe: their category and TDM status stay unknown.
 """
 
 from __future__ import annotations
@@ -65,7 +67,15 @@ def data_cards(corpus_dir: str) -> dict[str, dict[str, Any]]:
             "version": ", ".join(
                 f"{s.get('package', n)} {s.get('version', '')}".strip() for n, s in zip(mix, used)
             ),
-            "source_category": "licensed",
+            **(
+                {
+                    "source_category": "public",
+                    "tdm_opt_out_checked": True,
+                    "tdm_opt_out_method": "licence_terms",
+                }
+                if used and all(s.get("package") for s in used)
+                else {}
+            ),
             "sources": [
                 f"debian:{s['package']}={s.get('version', '')}" if s.get("package") else name
                 for name, s in zip(mix, used)
