@@ -425,6 +425,11 @@ def train(
         f"(data-parallel equivalent: {monitor.human_bytes(comm['dp_equivalent_bytes'])})"
     )
     print(f"traffic vs data-parallel: {comm['traffic_ratio_vs_dp']:.1f}x less")
+    if gate.on:  # the provider's documents, from what this run measured (compliance/documents.py)
+        from fedjax_lm.compliance import documents
+
+        documents.write_reports(workdir)
+        print(f"compliance: {workdir}/compliance/report.md; documents in {workdir}/reports/")
     summary["server"] = server
     return summary
 

@@ -377,3 +377,7 @@ def test_a_silo_joining_mid_run_with_a_bad_card_is_excluded_before_its_update_co
     assert all(f"energy_kwh/{s}" in rows[1] for s in rows[1]["accepted"])
     summary = json.loads((tmp_path / "agg" / "summary.json").read_text())
     assert summary["energy"]["energy_kwh"] == pytest.approx(sum(r["energy_kwh"] for r in rows))
+    # the aggregator's documents list the silos' published cards
+    content = json.loads((tmp_path / "agg" / "reports" / "training_content_summary.json").read_text())
+    listed = {e["silo"] for entries in content["2_list_of_data_sources"].values() for e in entries}
+    assert listed == {"code", "lines", "prose"}

@@ -39,8 +39,9 @@ def _read_json(path: str) -> dict[str, Any] | None:
         return None
 
 
-def gather(workdir: str) -> dict[str, Any]:
-    """What the documents are made of: the run's config and summary, its rows, its cards and verdict."""
+def gather(workdir: str, data_cards: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What the documents are made of: the run's config and summary, its rows, its cards and verdict.
+    `data_cards` (a deployment's aggregator: the silos' published cards) replaces the local ones."""
     run = runs.read_run(workdir)
     if run is None:
         raise FileNotFoundError(f"{workdir} holds no run (no run.json)")
@@ -50,15 +51,14 @@ def gather(workdir: str) -> dict[str, Any]:
     config = run["config"]
     fed = config.get("federation") or {}
     folder = str((fed.get("compliance") or {}).get("cards") or "")
-    project, models, datasets = None, {}, {}
+    project, models = None, {}
     if folder and os.path.isdir(folder):
         loaded = cards_lib.load_dir(folder)
         project, models = loaded.project, dict(loaded.models)
-    silos = sorted((summary.get("val") or {}).get("per_silo") or {})
-    corpus_dir = (config.get("data") or {}).get("corpus_dir")
-    for silo, card in gate_lib.local_data_cards(folder, silos, corpus_dir).items():
-        if isinstance(card, cards_lib.Card):
-            datasets[silo] = card
+    if data_cards is None:
+        silos = sorted((summary.get("val") or {}).get("per_silo") or {})
+        data_cards = gate_lib.local_data_cards(folder, silos, (config.get("data") or {}).get("corpus_dir"))
+    datasets = {s: c for s, c in data_cards.items() if isinstance(c, cards_lib.Card)}
     rows = monitor.rows_by_round(workdir, "rounds")
     return {
         "workdir": workdir,
@@ -300,9 +300,11 @@ def hf_model_card(facts: Mapping[str, Any]) -> str:
     )
 
 
-def write_reports(workdir: str, out: str | None = None) -> list[str]:
+def write_reports(
+    workdir: str, out: str | None = None, data_cards: Mapping[str, Any] | None = None
+) -> list[str]:
     """Writes the documents to `out` (default WORKDIR/reports); returns their paths."""
-    facts = gather(workdir)
+    facts = gather(workdir, data_cards)
     out = out or os.path.join(workdir, "reports")
     os.makedirs(out, exist_ok=True)
     written = []

@@ -612,5 +612,11 @@ class Aggregator:
             print(eval_lib.format_table(summary["val"]))
         print(f"traffic vs data-parallel: {summary['communication']['traffic_ratio_vs_dp']:.1f}x less")
         runs.write_json_atomic(os.path.join(self.workdir, "summary.json"), summary)
+        if self.gate.on:  # the provider's documents, from what the federation measured
+            from fedjax_lm.compliance import documents
+
+            documents.write_reports(
+                self.workdir, data_cards=card_lib.read_all(self.store, self.trust, self.fed.names)
+            )
         summary["server"] = server
         return summary
