@@ -6,6 +6,7 @@
   as-is       exactly as written (it works on what an earlier tiny command produced)
   deployment  as written + tiny flags, started together with the other deployment commands
   help        `python -m fedjax_lm VERB --help` (the real run takes minutes or a pod)
+  comply      as written + flags (the README's corpus is the small one), exit 0 or 2 (a verdict either way)
   ci          not run here: it is what .ci/run itself does
 A README command missing from `HOW`, or an entry of `HOW` no longer in the README, fails the test.
 """
@@ -127,6 +128,14 @@ HOW = {
         f"{SMALL} {FED}",
     ),
     "python benchmarks/secagg_overhead.py": ("help", ""),
+    "python -m fedjax_lm comply --cards experiments/cards --corpus cache/corpus --out runs/compliance": (
+        "comply",
+        "--corpus=cache/readme-corpus",
+    ),
+    "python -m fedjax_lm comply --cards experiments/cards --corpus cache/corpus --flop 3.6e14 --out runs/compliance": (
+        "comply",
+        "--corpus=cache/readme-corpus",
+    ),
     "python benchmarks/secagg_overhead.py --silos 8,16 --dropped 2": ("help", ""),
 }
 
@@ -208,6 +217,11 @@ def test_readme_commands_run(sandbox, section):
             _help(command, root)
         elif mode == "deployment":
             group.append(_argv(command, extra, texts))
+        elif mode == "comply":  # exit 2 says the verdict is non-compliant: still a verdict
+            argv = _argv(command, extra, texts)
+            r = subprocess.run(argv, cwd=root, env=_env(), capture_output=True, text=True, timeout=600)
+            assert r.returncode in (0, 2) and "# EU AI Act analysis" in r.stdout, r.stderr[-3000:]
+            assert (root / "runs" / "compliance" / "verdict.json").exists()
         else:
             r = _run(_argv(command, extra if mode == "tiny" else "", texts), root)
             if " train " in command:
@@ -225,6 +239,7 @@ def test_readme_commands_run(sandbox, section):
         assert "accepted ['clinic', 'lab']" in outs[0] and "unsigned federation" not in "".join(outs)
     if section == "main job and verbs":
         assert sorted(os.listdir(root / "runs" / "photon-hf")) == [
+            "README.md",  # the model card
             "config.json",
             "model.safetensors",
             "tokenizer.model",
