@@ -136,10 +136,6 @@ def check_config(fed: Mapping[str, Any]) -> None:
         raise ValueError(
             f"federation.download_compression must be one of {compression.METHODS}, got {fed['download_compression']!r}"
         )
-    if fed["download_compression"] != "none" and fed["secagg"]["enabled"]:
-        raise ValueError(
-            "federation.download_compression with secure aggregation is not supported yet; set it to 'none'"
-        )
     if fed["compression"] not in compression.METHODS:
         raise ValueError(
             f"federation.compression must be one of {compression.METHODS}, got {fed['compression']!r}"
@@ -558,6 +554,8 @@ class Federation:
             **{f"flops/{s}": n * fpt for s, n in sorted(tokens.items())},
             "bytes_up": comm["bytes_up"],
             "bytes_down": comm["bytes_down"],
+            **{f"bytes_up/{s}": b for s, b in sorted(comm["bytes_per_silo_up"].items())},
+            **{f"bytes_down/{s}": b for s, b in sorted(comm["bytes_per_silo_down"].items())},
             "dp_equivalent_bytes": comm["dp_equivalent_bytes"],
             **{k: v for k, v in diag.items() if k.startswith("delta_")},
             **{f"update_norm/{s}": float(n) for s, n in sorted((update_norms or {}).items())},

@@ -196,10 +196,7 @@ class Simulation:
             geometry = f.update_diagnostics({n: (outs[n].payload, accepted[n]["tokens"]) for n in accepted})
         self._advance(privates, outs, sampled)
         self.clip_norm = f.dp_round.next_clip(clip, {n: norms[n] for n in accepted}, r, self.noise_secret)
-        down = f.downloads.costs(self.held, accepted, r)  # counted for accepted silos, as a deployment does
-        self.held.update({n: r for n in sampled})
-        if self.broadcast is not None:
-            _, self.broadcast = f.downloads.next_broadcast(self.broadcast, server.params)
+        down = self._advance_download(server, accepted, sampled, r)
         if f.fed.aggregate_inner_moments and accepted:
             shared = f.shared_moments((outs[n].opt_state, accepted[n]["tokens"]) for n in accepted)
             for p in privates.values():
@@ -216,6 +213,16 @@ class Simulation:
             **self.lifecycle,
             down_bytes=down,
         )
+
+    def _advance_download(self, server, accepted, sampled, r: int) -> dict[str, int]:
+        """What the accepted silos downloaded this round (as a deployment counts it); then the broadcast
+        copy of the next round (compressed download) and the round whose copy each sampled silo holds."""
+        f = self.fed
+        down = f.downloads.costs(self.held, accepted, r)
+        self.held.update({n: r for n in sampled})
+        if self.broadcast is not None:
+            _, self.broadcast = f.downloads.next_broadcast(self.broadcast, server.params)
+        return down
 
     def _advance(self, privates, outs, sampled) -> None:
         for n in sampled:  # a silo's private state advances whether or not its update was accepted
@@ -256,6 +263,7 @@ class Simulation:
             }
             for n in result.survivors
         }
+        down = self._advance_download(server, accepted, sampled, r)
         return server, f.round_row(
             r,
             accepted,
@@ -265,6 +273,7 @@ class Simulation:
             **secure.row_fields(result.survivors, result.dropped, sum(result.saturated.values())),
             **f.privacy_fields(r + 1, clipped),
             **self.lifecycle,
+            down_bytes=down,
         )
 
 

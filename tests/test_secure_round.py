@@ -127,8 +127,10 @@ def test_distributed_noise_is_added_by_the_silos_and_accounted(small_corpus, tmp
     assert summary["privacy"]["mode"] == "distributed" and np.isfinite(summary["privacy"]["epsilon"])
 
 
-def _deploy_config(small_corpus, tmp_path, *, rounds, **secagg_cfg):
-    config, spec = make_config(small_corpus, tmp_path, rounds=rounds, signed=True)
+def _deploy_config(small_corpus, tmp_path, *, rounds, download="none", **secagg_cfg):
+    config, spec = make_config(
+        small_corpus, tmp_path, rounds=rounds, signed=True, download_compression=download
+    )
     f = config.federation
     f.compression, f.max_update_norm_ratio = "none", 0.0
     f.secagg.update({"enabled": True, "bound": 0.05, "phase_s": 20.0, **secagg_cfg})
@@ -153,11 +155,15 @@ def _store_objects(store_root):
 
 
 @pytest.mark.multiprocess
-def test_a_secure_deployment_equals_the_secure_simulation_and_hides_updates(small_corpus, tmp_path, procs):
+@pytest.mark.parametrize("download", ["none", "int8"])
+def test_a_secure_deployment_equals_the_secure_simulation_and_hides_updates(
+    small_corpus, tmp_path, procs, download
+):
     """Three signed silo processes run the whole protocol through the store; the aggregator's sum is the
     simulation's bit for bit (the ring sum is exact), and what the store holds of one silo's round is
-    masked: its upload is not its update, and nothing in the store is its update in the clear."""
-    config, spec = _deploy_config(small_corpus, tmp_path, rounds=2)
+    masked: its upload is not its update, and nothing in the store is its update in the clear. With the
+    compressed download the silos train from the broadcast copy: the same, ledger included."""
+    config, spec = _deploy_config(small_corpus, tmp_path, rounds=2, download=download)
     p = procs["p"] = Procs(tmp_path, spec)
     p.aggregator()
     for s in SILOS:
@@ -195,6 +201,9 @@ def test_a_secure_deployment_equals_the_secure_simulation_and_hides_updates(smal
     want = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(sim["server"].params))]
     for a, b in zip(got, want):
         np.testing.assert_array_equal(a, b)
+    assert [r["bytes_down"] for r in agg_rows] == [r["bytes_down"] for r in rows(tmp_path / "sim")]
+    if download != "none":
+        assert agg_rows[0]["bytes_down"] == 0 and 0 < agg_rows[1]["bytes_down"] < 3 * fed.param_bytes
 
 
 def _kill_when(p, name, text):

@@ -427,6 +427,7 @@ class Aggregator:
                 survivors, dropped, sum(int(m.get("secagg_saturated", 0)) for m in manifests.values())
             ),
             **({"secagg_aborted": aborted} if aborted else {}),
+            down_bytes=self._down_bytes(manifests, accepted, r),
             secagg_bytes=proto.message_bytes(sampled),
             secagg_seconds=time.perf_counter() - t0,
             **f.privacy_fields(r + 1, sum(int(manifests[s].get("clipped", 0)) for s in survivors)),
