@@ -22,6 +22,7 @@ COMMON_KEYS = dict(
     outer="fedavg",
     outer_lr=0.0,
     compression="int8",
+    download="none",  # federation.download_compression: the global sent as an int8 / bf16 delta
     inner_state="keep",
     parallel=False,
     vocab=0,  # 0: the model preset's vocabulary
@@ -57,6 +58,7 @@ def build(arg: str | None, recipe: str, defaults: dict):
     f = c.federation
     f.rounds, f.local_steps, f.silos_per_round = v["rounds"], v["H"], v["K"]
     f.compression, f.inner_state, f.parallel = v["compression"], v["inner_state"], v["parallel"]
+    f.download_compression = v["download"]
     f.eval_every = v["eval_every"]
     # The compliance gate with the example Project card (an open model of this project); each silo's
     # Data card is generated from the corpus unless the folder holds one (fedjax_lm/compliance/gate.py).

@@ -48,7 +48,8 @@ def test_same_seed_same_global_params_bit_for_bit(small_corpus, tmp_path):
 
 
 def test_summary_reports_traffic_against_data_parallel(small_corpus, tmp_path):
-    out = simulation.train(fed_config(small_corpus), str(tmp_path / "s"))
+    config = fed_config(small_corpus, download_compression="none")  # tests/test_download.py: the compressed one
+    out = simulation.train(config, str(tmp_path / "s"))
     s = json.load(open(tmp_path / "s" / "summary.json"))
     assert set(s["val"]["per_silo"]) == {"code", "prose", "lines"}
     comm = s["communication"]
@@ -105,7 +106,9 @@ def test_a_subset_of_the_corpus_silos_takes_part(small_corpus, tmp_path):
 
 
 def test_aggregated_inner_moments_are_shared_by_every_silo(small_corpus, tmp_path):
-    c = fed_config(small_corpus, rounds=2, aggregate_inner_moments=True, compression="none")
+    c = fed_config(
+        small_corpus, rounds=2, aggregate_inner_moments=True, compression="none", download_compression="none"
+    )
     corpus = Corpus.load(small_corpus.corpus_dir)
     sim = simulation.Simulation(c, corpus)
     server, privates = sim.init(0)

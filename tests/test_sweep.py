@@ -233,7 +233,7 @@ def test_a_point_finished_by_an_older_version_is_still_finished(spec, tmp_path):
     os.makedirs(work)
     (work / "summary.json").write_text("{}")
     cfg = runs.config_dict(point.config)
-    del cfg["federation"]["secagg"], cfg["federation"]["download_compression"]
+    del cfg["federation"]["secagg"], cfg["federation"]["download_from_seed"]
     (work / "run.json").write_text(json.dumps({"kind": "federated", "config": cfg, "fingerprint": "old"}))
     assert sweep_lib.finished(point, str(work))
     cfg["federation"]["local_steps"] += 1
