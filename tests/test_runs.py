@@ -42,15 +42,15 @@ def test_a_run_written_before_fields_were_added_resumes_unless_one_really_differ
     runs.open_workdir(work, fed_config(small_corpus), "federated")
     path = tmp_path / "w" / "run.json"
     old = json.loads(path.read_text())
-    del old["config"]["federation"]["secagg"], old["config"]["federation"]["download_compression"]
+    del old["config"]["federation"]["secagg"], old["config"]["federation"]["download_from_seed"]
     del old["config"]["federation"]["dp"]["adaptive_clip"]
     path.write_text(json.dumps(old))
     runs.open_workdir(work, fed_config(small_corpus), "federated")  # resumes
     path.write_text(json.dumps(old))
     changed = fed_config(small_corpus)
-    changed.federation.download_compression = "int8"
+    changed.federation.download_compression = "bf16"
     with pytest.raises(
-        runs.ConfigMismatch, match=r"1 fields differ: federation.download_compression: 'none' -> 'int8'"
+        runs.ConfigMismatch, match=r"1 fields differ: federation.download_compression: 'int8' -> 'bf16'"
     ):
         runs.open_workdir(work, changed, "federated")
     # where the compliance cards are kept (another checkout, another machine) is not what the run is

@@ -48,7 +48,9 @@ def test_same_seed_same_global_params_bit_for_bit(small_corpus, tmp_path):
 
 
 def test_summary_reports_traffic_against_data_parallel(small_corpus, tmp_path):
-    config = fed_config(small_corpus, download_compression="none")  # tests/test_download.py: the compressed one
+    config = fed_config(
+        small_corpus, download_compression="none"
+    )  # tests/test_download.py: the compressed one
     out = simulation.train(config, str(tmp_path / "s"))
     s = json.load(open(tmp_path / "s" / "summary.json"))
     assert set(s["val"]["per_silo"]) == {"code", "prose", "lines"}

@@ -63,7 +63,8 @@ def test_eval_generate_export_after_train(finished_runs, tmp_path, kind):
     # export: the tokenizer beside the weights, logits equal to fedjax_lm's on the same tokens
     out = str(tmp_path / "hf")
     cli("export", "--workdir", work, "--out", out)
-    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "tokenizer.model"]
+    assert sorted(os.listdir(out)) == ["README.md", "config.json", "model.safetensors", "tokenizer.model"]
+    assert open(os.path.join(out, "README.md")).read().startswith("---\nlicense:")  # the model card
     config = runs.config_of(work)
     silo, params, _ = runs.load_params(config, work)
     tokens = np.random.default_rng(0).integers(0, 512, size=(2, 16))
