@@ -190,9 +190,10 @@ class Gate:
         return "; ".join(changes)
 
     def _record(self, r: int, trigger: str, verdict: analysis.Verdict, excluded: Mapping[str, list[str]]):
+        where = f" ({os.path.join(self.out, 'report.md')})" if self.out else ""
         self.log(
             f"[compliance] round {r}: analysis ({trigger}): {verdict.status}, {len(verdict.unmet)} unmet, "
-            f"{len(verdict.unknown)} unknown"
+            f"{len(verdict.unknown)} unknown; silos excluded: {', '.join(sorted(excluded)) or 'none'}{where}"
         )
         if self.out is None:
             return
