@@ -24,6 +24,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from fedjax_lm import accounting
 from fedjax_lm import privacy
 
 MODES = ("off", "central", "distributed")
@@ -131,7 +132,7 @@ class RoundDP:
         sigma = float(self.cfg["noise_multiplier"])
         if sigma > 0:
             return sigma
-        return privacy.noise_multiplier_for(
+        return accounting.noise_multiplier_for(
             float(self.cfg["target_epsilon"]),
             self.delta,
             self.rounds,
@@ -141,7 +142,7 @@ class RoundDP:
 
     def epsilon_after(self, rounds: int) -> float:
         """The privacy spent after `rounds` rounds, at dp.delta."""
-        acc = privacy.PrivacyAccountant(
+        acc = accounting.PrivacyAccountant(
             self.noise_multiplier, delta=self.delta, accountant=self.accountant, **self._sampling()
         )
         return acc.epsilon_after(rounds) if rounds else 0.0

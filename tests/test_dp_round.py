@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fedjax_lm import federation
-from fedjax_lm import privacy
+from fedjax_lm import accounting
 from fedjax_lm import simulation
 from tests.test_deploy import Procs, assert_equals_simulation, final_params, make_config, wait_until  # noqa: F401
 
@@ -54,7 +54,7 @@ def test_central_noise_has_the_configured_std_and_is_repeatable(small_corpus, tm
 
 def test_the_budget_ends_the_run_at_the_last_round_it_allows(small_corpus, tmp_path):
     config = dp_config(small_corpus, tmp_path, noise_multiplier=2.0)
-    eps = [privacy.PrivacyAccountant(2.0, 1.0, 1e-5, "rdp").epsilon_after(n) for n in (1, 2, 3)]
+    eps = [accounting.PrivacyAccountant(2.0, 1.0, 1e-5, "rdp").epsilon_after(n) for n in (1, 2, 3)]
     config.federation.dp.epsilon_budget = (eps[1] + eps[2]) / 2  # allows 2 of 3 rounds
     summary = simulation.train(config, str(tmp_path / "sim"))
     rows = [json.loads(line) for line in open(tmp_path / "sim" / "metrics" / "rounds.jsonl")]
@@ -133,7 +133,7 @@ def test_a_dp_deployment_equals_the_simulation_and_stops_at_the_budget(small_cor
     config.federation.dp.update(
         dict(mode="central", clip_norm=1e3, noise_multiplier=1e-7, adaptive_clip=True)
     )
-    eps = [privacy.PrivacyAccountant(1e-7, 1.0, 1e-5, "rdp").epsilon_after(n) for n in (2, 3)]
+    eps = [accounting.PrivacyAccountant(1e-7, 1.0, 1e-5, "rdp").epsilon_after(n) for n in (2, 3)]
     config.federation.dp.epsilon_budget = (eps[0] + eps[1]) / 2
     path = tmp_path / "config.json"
     path.write_text(config.to_json_best_effort())

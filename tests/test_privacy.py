@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from dp_accounting import pld, rdp
 
-from fedjax_lm import compression, privacy
+from fedjax_lm import accounting, compression, privacy
 
 SECRET = bytes(range(32))
 
@@ -271,7 +271,7 @@ def _direct_epsilon(
     "sigma,q,rounds,delta", [(1.7, 1.0, 8, 1e-5), (5.6, 1.0, 8, 1e-6), (1.9, 0.5, 32, 1e-5)]
 )
 def test_accountant_equals_dp_accounting_directly(accountant, sigma, q, rounds, delta):
-    acct = privacy.PrivacyAccountant(sigma, q, delta, accountant)
+    acct = accounting.PrivacyAccountant(sigma, q, delta, accountant)
     assert acct.epsilon() == 0.0
     before = acct.epsilon_after(rounds)
     acct.step(rounds)
@@ -284,13 +284,13 @@ def test_accountant_equals_dp_accounting_directly(accountant, sigma, q, rounds, 
 
 
 def test_accountant_anchor_values_and_sigma_zero():
-    assert privacy.PrivacyAccountant(1.7, 1.0, 1e-5).epsilon_after(8) == pytest.approx(8.0, abs=0.05)
-    assert privacy.PrivacyAccountant(0.0, 1.0, 1e-5).epsilon_after(1) == math.inf
+    assert accounting.PrivacyAccountant(1.7, 1.0, 1e-5).epsilon_after(8) == pytest.approx(8.0, abs=0.05)
+    assert accounting.PrivacyAccountant(0.0, 1.0, 1e-5).epsilon_after(1) == math.inf
 
 
 def test_epsilon_grows_monotonically_with_rounds():
     for name in ("rdp", "pld"):
-        acct = privacy.PrivacyAccountant(2.0, 1.0, 1e-5, name)
+        acct = accounting.PrivacyAccountant(2.0, 1.0, 1e-5, name)
         eps = []
         for _ in range(12):
             acct.step()
@@ -299,10 +299,10 @@ def test_epsilon_grows_monotonically_with_rounds():
 
 
 def test_steps_compose_like_one_event_and_state_round_trips():
-    a = privacy.PrivacyAccountant(2.0, 1.0, 1e-5, "rdp")
+    a = accounting.PrivacyAccountant(2.0, 1.0, 1e-5, "rdp")
     for _ in range(5):
         a.step()
-    b = privacy.PrivacyAccountant(2.0, 1.0, 1e-5, "rdp").step(5)
+    b = accounting.PrivacyAccountant(2.0, 1.0, 1e-5, "rdp").step(5)
     assert a.rounds == b.rounds == 5 and a.epsilon() == b.epsilon()
     # A round with dropouts in distributed mode is accounted at a lower multiplier.
     a.step(noise_multiplier=privacy.accounted_noise_multiplier(2.0, 8, 6)).step(2)
@@ -316,12 +316,12 @@ def test_steps_compose_like_one_event_and_state_round_trips():
         .get_epsilon(1e-5)
     )
     assert a.epsilon() == pytest.approx(direct, rel=1e-12)
-    c = privacy.PrivacyAccountant.from_state_dict(a.state_dict())
+    c = accounting.PrivacyAccountant.from_state_dict(a.state_dict())
     assert c.epsilon() == a.epsilon() and c.rounds == 8
 
 
 def test_budget_check_says_would_exceed_exactly_when_epsilon_after_exceeds():
-    acct = privacy.PrivacyAccountant(3.0, 1.0, 1e-5, "rdp")
+    acct = accounting.PrivacyAccountant(3.0, 1.0, 1e-5, "rdp")
     budget = 4.0
     ran = 0
     while not acct.would_exceed(budget):
@@ -340,17 +340,17 @@ def test_budget_check_says_would_exceed_exactly_when_epsilon_after_exceeds():
 )
 def test_noise_multiplier_for_round_trips(accountant, target, rounds, q, anchor):
     """ε(σ*) ≤ target and within 1% of it (σ* is found to 0.1%); σ* matches ANCHORS.md where given."""
-    sigma = privacy.noise_multiplier_for(target, 1e-5, rounds, q, accountant)
-    eps = privacy.PrivacyAccountant(sigma, q, 1e-5, accountant).epsilon_after(rounds)
+    sigma = accounting.noise_multiplier_for(target, 1e-5, rounds, q, accountant)
+    eps = accounting.PrivacyAccountant(sigma, q, 1e-5, accountant).epsilon_after(rounds)
     assert target * 0.99 <= eps <= target
-    assert privacy.PrivacyAccountant(sigma * 0.99, q, 1e-5, accountant).epsilon_after(rounds) > target
+    assert accounting.PrivacyAccountant(sigma * 0.99, q, 1e-5, accountant).epsilon_after(rounds) > target
     if anchor is not None:
         assert sigma == pytest.approx(anchor, rel=0.02)
-    assert privacy.noise_multiplier_for(math.inf, 1e-5, rounds) == 0.0
+    assert accounting.noise_multiplier_for(math.inf, 1e-5, rounds) == 0.0
 
 
 def test_sampling_without_replacement_is_rdp_replace_one_with_half_sigma():
-    acct = privacy.PrivacyAccountant(
+    acct = accounting.PrivacyAccountant(
         2.0, 0.5, 1e-5, "rdp", sampling="without_replacement", population=8
     ).step(4)
     direct = (
@@ -360,6 +360,6 @@ def test_sampling_without_replacement_is_rdp_replace_one_with_half_sigma():
     )
     assert acct.epsilon() == pytest.approx(direct, rel=1e-12)
     with pytest.raises(ValueError, match="RDP only"):
-        privacy.PrivacyAccountant(2.0, 0.5, 1e-5, "pld", sampling="without_replacement", population=8)
+        accounting.PrivacyAccountant(2.0, 0.5, 1e-5, "pld", sampling="without_replacement", population=8)
     with pytest.raises(ValueError, match="not a whole number"):
-        privacy.PrivacyAccountant(2.0, 0.3, 1e-5, "rdp", sampling="without_replacement", population=8)
+        accounting.PrivacyAccountant(2.0, 0.3, 1e-5, "rdp", sampling="without_replacement", population=8)
