@@ -19,6 +19,7 @@ from fedjax_lm import monitor
 from fedjax_lm import runs
 from fedjax_lm import simulation
 from fedjax_lm import sweep as sweep_lib
+from fedjax_lm import sweep_report
 from fedjax_lm.data import Corpus
 from tests.test_simulation import fed_config
 
@@ -106,7 +107,7 @@ def test_two_point_sweep_runs_then_resumes_by_skipping(spec, tmp_path):
         assert (work / png).stat().st_size > 1000
     # the curves have evaluations during the run (eval_every set for the sweep), not only the last
     points = sweep_lib.build(spec, "two", config_lib.load_config(spec))
-    assert all(len(sweep_lib.curve(p, str(work / p.name))) >= 2 for p in points)
+    assert all(len(sweep_report.curve(p, str(work / p.name))) >= 2 for p in points)
 
     summaries = {p: (work / p / "summary.json").stat().st_mtime_ns for p in (row["point"] for row in rows)}
     again = cli("sweep", "--config", spec, "--sweep", "two", "--workdir", str(work))
@@ -186,7 +187,7 @@ def test_point_names_and_plot_axes():
     ]
     points = [sweep_lib.Point(i, "", o, None, "", {}) for i, o in enumerate(overrides)]
     # x is H; rounds follows from H (a fixed budget) so it does not split the lines; compression does
-    assert sweep_lib.plot_axes(points) == ("H", ["compression"])
+    assert sweep_report.plot_axes(points) == ("H", ["compression"])
 
 
 def test_rounds_carry_update_norms_and_cosines(small_corpus):
