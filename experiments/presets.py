@@ -11,6 +11,8 @@ Llama-2-7B exactly (6,738,415,616 parameters), so its weights can be imported.
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
 
 from fedjax_lm.model import ModelConfig
@@ -42,9 +44,18 @@ MODEL_PRESETS: dict[str, dict] = {
 
 
 def model_preset(name: str, **overrides) -> ml_collections.ConfigDict:
-    """The preset's ModelConfig fields plus overrides (validated: unknown keys fail)."""
+    """Every ModelConfig field: its default, the preset's value, then the overrides (validated: unknown
+    keys fail). Every field is there, so `--config.model.FIELD=...` works whatever the preset."""
     if name not in MODEL_PRESETS:
         raise ValueError(f"unknown model preset {name!r}; valid: {sorted(MODEL_PRESETS)}")
     fields = {**MODEL_PRESETS[name], **overrides}
     ModelConfig.from_dict(fields)  # raises ValueError naming a bad key or value
-    return ml_collections.ConfigDict(fields)
+    out = ml_collections.ConfigDict()
+    for f in dataclasses.fields(ModelConfig):
+        if f.name in fields:
+            out[f.name] = fields[f.name]
+        elif f.default is None:  # derived when unset (head_dim): typed, so the command line can set it
+            out[f.name] = ml_collections.config_dict.placeholder(int)
+        else:
+            out[f.name] = f.default
+    return out

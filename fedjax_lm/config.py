@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import ast
 import importlib.util
 import os
@@ -137,6 +139,15 @@ def with_new_defaults(obj: Mapping[str, Any]) -> dict[str, Any]:
         out["federation"] = _lists(_with_defaults(defaults, out["federation"]))
     if isinstance(out.get("optim"), dict):
         out["optim"] = _lists(_with_defaults(optim.default_optim_config().to_dict(), out["optim"]))
+    if isinstance(out.get("model"), dict):  # presets once listed only the fields they set
+        from fedjax_lm import model as model_lib
+
+        defaults = {
+            f.name: f.default
+            for f in dataclasses.fields(model_lib.ModelConfig)
+            if f.default is not dataclasses.MISSING
+        }
+        out["model"] = _lists(_with_defaults(defaults, out["model"]))
     return out
 
 
