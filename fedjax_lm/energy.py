@@ -130,6 +130,8 @@ class Meter:
                 yield out
             finally:
                 data = tracker.stop_task()
+            if data is None:  # codecarbon refused the task (e.g. it failed to start): nothing measured
+                return
             kwh = float(data.energy_consumed)
             country_kg = float(data.emissions) if self.country else None
         else:

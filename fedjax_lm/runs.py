@@ -105,16 +105,13 @@ def stored_config_diff(
     stored: Mapping[str, Any], config: ml_collections.ConfigDict | Mapping[str, Any]
 ) -> list[str]:
     """`config_diff` of a run.json's config (fields added since it was written at their defaults) and
-    `config`: empty when resuming that run with `config` changes nothing. The compliance gate's settings
-    (`federation.compliance`) are left out: the gate re-reads the cards at every round, and where they
-    are kept is not what the run is."""
+    `config`: empty when resuming that run with `config` changes nothing. Where the compliance cards are
+    kept and how energy is metered are left out (the gate re-reads the cards at every round); the gate's
+    policy is not."""
     from fedjax_lm import config as config_lib
 
-    return [
-        d
-        for d in config_diff(config_lib.with_new_defaults(stored), config)
-        if not d.startswith("federation.compliance.")
-    ]
+    local = ("federation.compliance.cards:", "federation.compliance.energy.")
+    return [d for d in config_diff(config_lib.with_new_defaults(stored), config) if not d.startswith(local)]
 
 
 def read_run(workdir: str) -> dict[str, Any] | None:

@@ -137,7 +137,8 @@ def classify(cards: CardSet, measured_flop: float | None, projected_flop: float 
         p.get("compute_budget_flop"),
         *(m.get("training_flop") for m in trained),
     )
-    base_systemic = any(m.get("systemic_risk") for m in cards.models.values() if m.get("kind") == "base")
+    bases = [m.get("systemic_risk") for m in cards.models.values() if m.get("kind") == "base"]
+    base_systemic = True if any(v is True for v in bases) else (None if None in bases else False)
     kind = p.get("kind")
     if kind == "gpai_model" or (flop is not None and flop > GPAI_FLOP):
         gpai = True
@@ -145,23 +146,26 @@ def classify(cards: CardSet, measured_flop: float | None, projected_flop: float 
         gpai = None
     else:
         gpai = False
-    systemic = (
-        True
-        if base_systemic or (flop is not None and flop > SYSTEMIC_RISK_FLOP)
-        else (None if flop is None else False)
-    )
+    if base_systemic or (flop is not None and flop > SYSTEMIC_RISK_FLOP):
+        systemic = True
+    elif flop is None or base_systemic is None:
+        systemic = None
+    else:
+        systemic = False
     purposes = set(p.get("intended_purposes") or [])
     high_risk_purposes = sorted(purposes & set(cards_lib.HIGH_RISK_PURPOSES))
+    annex_i = p.get("annex_i_safety_component")
     if kind == "gpai_model":  # Art. 6 classifies AI systems; a model alone is not high-risk
         high = False
-    elif p.get("annex_i_safety_component"):
+    elif annex_i:
         high = True
     elif kind is None or p.get("intended_purposes") is None:
         high = None
-    elif not high_risk_purposes:
-        high = False
+    elif high_risk_purposes:
+        exception = p.get("art_6_3_exception")  # unstated: unknown; "" states that none applies
+        high = None if exception is None else not exception
     else:
-        high = not p.get("art_6_3_exception")  # an unstated exception counts as none (conservative)
+        high = None if annex_i is None else False
     return {
         "kind": kind,
         "gpai_model": gpai,
@@ -189,6 +193,10 @@ def _data_card(f: _Findings, card: Card) -> None:
     else:  # crawled or public data (or unknown): the TDM exception needs the reservations checked
         f.flag("Art. 53(1)(c)", "TDM reservations honoured", card, "tdm_opt_out_checked",
                why_unmet="text-and-data-mining reservations were not checked (DSM Directive Art. 4(3))")  # fmt: skip
+    _gdpr(f, card)
+
+
+def _gdpr(f: _Findings, card: Card) -> None:
     personal = card.get("personal_data")
     if personal is None:
         f.add("GDPR Art. 6(1)", "lawful processing of personal data", UNKNOWN, card, "personal_data",
@@ -259,11 +267,15 @@ def analyse(
     classification = classify(cards, measured_flop, projected_flop)
     if _prohibited(f, p):
         return Verdict("prohibited", classification, tuple(x for x in f.items if x.status == UNMET))
+    out_of_scope = None
     if p.get("scientific_research_only") is True:
-        f.add("Art. 2(6)", "scope", MET, p, "scientific_research_only", "solely for scientific research")
-        return Verdict("out_of_scope", classification, tuple(f.items))
-    if p.get("placed_on_eu_market") is False:
-        f.add("Art. 2(1)", "scope", MET, p, "placed_on_eu_market", "not placed on the EU market")
+        out_of_scope = ("Art. 2(6)", "scientific_research_only", "solely for scientific research")
+    elif p.get("placed_on_eu_market") is False:
+        out_of_scope = ("Art. 2(1)", "placed_on_eu_market", "not placed on the EU market")
+    if out_of_scope is not None:  # the AI Act does not apply; the GDPR still does (Art. 2(7))
+        f.add(out_of_scope[0], "scope", MET, p, out_of_scope[1], out_of_scope[2])
+        for card in cards.datasets.values():
+            _gdpr(f, card)
         return Verdict("out_of_scope", classification, tuple(f.items))
     for field, article in (("scientific_research_only", "Art. 2(6)"), ("placed_on_eu_market", "Art. 2(1)")):
         if p.get(field) is None:
@@ -281,7 +293,10 @@ def analyse(
     if classification["high_risk"]:
         for card in [*cards.datasets.values(), *cards.models.values()]:
             _high_risk_ingredient(f, card, classification["high_risk_purposes"])
-    if p.get("interacts_with_people"):
+    if p.get("interacts_with_people") is None:
+        f.add("Art. 50(1)", "disclose AI interaction", UNKNOWN, p, "interacts_with_people",
+              "whether the system interacts with people is not stated")  # fmt: skip
+    elif p.get("interacts_with_people"):
         f.flag("Art. 50(1)", "disclose AI interaction", p, "discloses_ai_interaction",
                why_unmet="people are not told they interact with an AI system")  # fmt: skip
     if p.get("generates_synthetic_content") is not False:
@@ -303,7 +318,9 @@ def _gpai(f: _Findings, cards: CardSet, classification: dict[str, Any]) -> None:
             open_source = licence in cards_lib.OPEN_SOURCE_LICENCES and public
     systemic = classification["systemic_risk"]
     exempt = bool(open_source) and systemic is False
-    classification["open_source_exemption"] = exempt
+    # undecidable: the licence or weights are unstated, or open source with systemic risk unknown
+    undecided = open_source is None or (open_source and systemic is None)
+    classification["open_source_exemption"] = None if undecided and not exempt else exempt
     for field, article in (
         ("technical_documentation", "Art. 53(1)(a)"),
         ("downstream_information", "Art. 53(1)(b)"),
@@ -312,14 +329,21 @@ def _gpai(f: _Findings, cards: CardSet, classification: dict[str, Any]) -> None:
             f.add(f"{article}, Art. 53(2)", "GPAI documentation", MET, trained[0], "licence",
                   f"open-source model ({trained[0].get('licence')}, weights public) without systemic risk: exempt")  # fmt: skip
             continue
-        if open_source and systemic:
-            why = "open-source, but a systemic-risk model keeps the obligation (Art. 53(2))"
-        else:
-            why = f"{field} is not in place"
+        if p.get(field) is False and undecided:
+            why = (
+                "no trained Model card stating licence and weights_public"
+                if open_source is None
+                else "open source, but whether the model has systemic risk is unknown"
+            )
+            f.add(article, "GPAI documentation", UNKNOWN, p, field,
+                  f"{field} is not in place; the Art. 53(2) exemption may apply ({why})")  # fmt: skip
+            continue
+        why = (
+            "open-source, but a systemic-risk model keeps the obligation (Art. 53(2))"
+            if open_source and systemic
+            else f"{field} is not in place"
+        )
         f.flag(article, "GPAI documentation", p, field, why_unmet=why)
-        if open_source is None and not trained:
-            f.add("Art. 53(2)", "open-source exemption", UNKNOWN, p, "models",
-                  "no trained Model card: whether the open-source exemption applies is unknown")  # fmt: skip
     f.flag("Art. 53(1)(c)", "copyright policy", p, "copyright_policy",
            why_unmet="no policy to comply with EU copyright law and TDM reservations")  # fmt: skip
     f.flag("Art. 53(1)(d)", "public summary of training content", p, "training_content_summary",

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -94,7 +95,7 @@ _SPDX = re.compile(r"^(LicenseRef-[A-Za-z0-9.\-]+|[A-Za-z0-9][A-Za-z0-9.\-+]*)$"
 # open-source licence" is concerned here (weights, not only code); extend as needed.
 OPEN_SOURCE_LICENCES = frozenset(
     {"Apache-2.0", "MIT", "BSD-2-Clause", "BSD-3-Clause", "GPL-2.0-only", "GPL-3.0-only", "GPL-3.0-or-later",
-     "LGPL-3.0-only", "MPL-2.0", "CC-BY-4.0", "CC-BY-SA-4.0", "CC0-1.0", "Unlicense", "ISC", "OpenRAIL-M"}
+     "LGPL-3.0-only", "MPL-2.0", "CC-BY-4.0", "CC-BY-SA-4.0", "CC0-1.0", "Unlicense", "ISC"}
 )  # fmt: skip
 
 
@@ -272,8 +273,13 @@ def _check_value(f: Field, value: Any) -> Any:
     if k == "bool":
         return value if isinstance(value, bool) else None
     if k == "number":
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0 and value == value
-        return float(value) if ok and value != float("inf") else None
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return None
+        try:
+            number = float(value)  # an integer of 400 digits overflows: not a number a card can hold
+        except OverflowError:
+            return None
+        return number if math.isfinite(number) and number >= 0 else None
     if k == "date":
         if isinstance(value, datetime.date):
             return value.isoformat()
@@ -361,32 +367,42 @@ def _stem(path: str) -> str:
     return os.path.splitext(os.path.basename(path))[0]
 
 
-def load_dir(folder: str, corpus_dir: str | None = None) -> CardSet:
-    """project.yaml, datasets/*.yaml and models/*.yaml of `folder` (see the module docstring); with
-    `corpus_dir`, a silo of that prepared corpus without a card of its own gets the one generated from
-    what prepare recorded (`corpus_cards`)."""
+def load_project(folder: str) -> CardSet:
+    """project.yaml and models/*.yaml of `folder`, without its Data cards (each silo's own business: a bad
+    one excludes that silo, it does not stop the analysis)."""
     projects = [p for p in _card_files(folder) if _stem(p) == "project"]
     if not projects:
         raise CardError(f"{folder}: no project.yaml (or project.json): the Project card is required")
     if len(projects) > 1:
         raise CardError(f"{folder}: more than one Project card: {projects}")
-    datasets = {}
-    for path in _card_files(os.path.join(folder, "datasets")):
-        card = load("data", path)
-        silo = _stem(path)
-        if card.get("silo", silo) != silo:
-            raise CardError(
-                f"{path}: field 'silo' is {card.get('silo')!r}; expected {silo!r} (the file name)"
-            )
-        datasets[silo] = card
+    models = {_stem(p): load("model", p) for p in _card_files(os.path.join(folder, "models"))}
+    return CardSet(load("project", projects[0]), {}, models)
+
+
+def load_data_card(path: str, silo: str) -> Card:
+    """A silo's Data card file, refused if its `silo` field names another silo."""
+    card = load("data", path)
+    if card.get("silo", silo) != silo:
+        raise CardError(f"{path}: field 'silo' is {card.get('silo')!r}; expected {silo!r} (the file name)")
+    return card
+
+
+def load_dir(folder: str, corpus_dir: str | None = None) -> CardSet:
+    """project.yaml, datasets/*.yaml and models/*.yaml of `folder` (see the module docstring); with
+    `corpus_dir`, a silo of that prepared corpus without a card of its own gets the one generated from
+    what prepare recorded (`corpus_cards`)."""
+    project = load_project(folder)
+    datasets = {
+        _stem(path): load_data_card(path, _stem(path))
+        for path in _card_files(os.path.join(folder, "datasets"))
+    }
     if corpus_dir is not None:
         from fedjax_lm.compliance import corpus_cards
 
         for silo, fields in corpus_cards.data_cards(corpus_dir).items():
             if silo not in datasets:
                 datasets[silo] = parse("data", fields, f"{corpus_dir}/corpus.json#{silo}")
-    models = {_stem(p): load("model", p) for p in _card_files(os.path.join(folder, "models"))}
-    return CardSet(load("project", projects[0]), datasets, models)
+    return dataclasses.replace(project, datasets=datasets)
 
 
 def schema_table() -> str:

@@ -59,7 +59,11 @@ def data_cards(corpus_dir: str) -> dict[str, dict[str, Any]]:
     for silo, meta in sorted(info.get("silos", {}).items()):
         mix = sorted(meta.get("mix", {}) or {silo: 1.0})
         used = [sources.get(name, {}) for name in mix]
-        licences = sorted({spdx_id(str(s["licence"])) for s in used if s.get("licence")})
+        # a licence prepare could not read is no licence: left out (unknown to the analysis)
+        known = [
+            str(s["licence"]) for s in used if s.get("licence") and str(s["licence"]).lower() != "unknown"
+        ]
+        licences = sorted({spdx_id(x) for x in known})
         tokens = float(meta.get("train_tokens", 0)) + float(meta.get("val_tokens", 0))
         card: dict[str, Any] = {
             "name": f"{silo} ({', '.join(mix)})",
@@ -73,7 +77,7 @@ def data_cards(corpus_dir: str) -> dict[str, dict[str, Any]]:
                     "tdm_opt_out_checked": True,
                     "tdm_opt_out_method": "licence_terms",
                 }
-                if used and all(s.get("package") for s in used)
+                if used and len(known) == len(used) and all(s.get("package") for s in used)
                 else {}
             ),
             "sources": [

@@ -58,8 +58,15 @@ def gather(workdir: str, data_cards: Mapping[str, Any] | None = None) -> dict[st
     if data_cards is None:
         silos = sorted((summary.get("val") or {}).get("per_silo") or {})
         data_cards = gate_lib.local_data_cards(folder, silos, (config.get("data") or {}).get("corpus_dir"))
-    datasets = {s: c for s, c in data_cards.items() if isinstance(c, cards_lib.Card)}
     rows = monitor.rows_by_round(workdir, "rounds")
+    contributed = {s for row in rows.values() for s in row.get("accepted", [])}
+    # the training content is what was trained on: silos whose updates counted (a federated run's rows
+    # say which; a centralized run trained on every silo it evaluates)
+    datasets = {
+        s: c
+        for s, c in data_cards.items()
+        if isinstance(c, cards_lib.Card) and (not rows or s in contributed)
+    }
     return {
         "workdir": workdir,
         "run": run,

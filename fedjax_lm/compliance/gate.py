@@ -73,7 +73,7 @@ def local_data_cards(folder: str, silos: Sequence[str], corpus_dir: str | None) 
         ]
         if own:
             try:
-                out[silo] = cards_lib.load("data", own[0])
+                out[silo] = cards_lib.load_data_card(own[0], silo)
             except (cards_lib.CardError, OSError) as e:
                 out[silo] = f"its Data card cannot be used: {e}"
             continue
@@ -119,7 +119,7 @@ class Gate:
         if not self.on:
             return {}
         try:
-            project = cards_lib.load_dir(self.folder)
+            project = cards_lib.load_project(self.folder)  # the silos' cards are each silo's own
         except (cards_lib.CardError, OSError) as e:
             raise ComplianceStop(f"the project's cards cannot be analysed: {e}") from None
         digests = {

@@ -46,17 +46,30 @@ from fedjax_lm.deploy.secure_protocol import AggregatorProtocol
 MAX_STRANGERS_LOGGED = 16  # updates under names that are not members: reported by name up to this many
 
 
-def _reported_energy(manifests: Mapping[str, Any]) -> dict[str, Any]:
-    """The validated silos' self-reported training energy: energy_kwh/<silo> and the round's totals."""
+def _reported_lifecycle(manifests: Mapping[str, Any]) -> dict[str, Any]:
+    """The validated silos' self-reported training time and energy: seconds/<silo>, energy_kwh/<silo> and
+    the round's totals; the energy source as the silos named it (printable, at most 80 characters)."""
+    row: dict[str, Any] = {
+        f"seconds/{s}": float(m["train_seconds"])
+        for s, m in sorted(manifests.items())
+        if "train_seconds" in m
+    }
     kwh = {s: m["energy_kwh"] for s, m in manifests.items() if "energy_kwh" in m}
     if not kwh:
-        return {}
+        return row
     co2 = [manifests[s].get("co2_kg") for s in kwh]
+    sources = sorted(
+        {
+            "".join(ch for ch in str(manifests[s].get("energy_source", "unstated"))[:80] if ch.isprintable())
+            for s in kwh
+        }
+    )
     return {
+        **row,
         **{f"energy_kwh/{s}": v for s, v in sorted(kwh.items())},
         "energy_kwh": float(sum(kwh.values())),
         "co2_kg": None if any(c is None for c in co2) else float(sum(co2)),
-        "energy_source": "reported by the silos",
+        "energy_source": "reported by the silos: " + "; ".join(sources),
     }
 
 
@@ -215,32 +228,30 @@ class Aggregator:
             log("aggregator", f"ignored late update of silo {silo} for closed round {r - 1}")
         return late
 
-    def check_compliance(self, r: int) -> dict[str, list[str]]:
+    def check_compliance(self, r: int, cards: Mapping[str, Any] | None = None) -> dict[str, list[str]]:
         """The gate on the members' published Data cards (re-analysed when one joined or changed); a
-        member that has not published one yet has not joined and is not held against."""
+        member that has not published one yet has not joined and is not held against it here."""
         if not self.gate.on:
             return {}
+        if cards is None:
+            cards = card_lib.read_all(self.store, self.trust, self.fed.names, self.run_id)
         flops = sum(float(row.get("flops", 0) or 0) for row in monitor.rows_by_round(self.workdir).values())
         return self.gate.check(
-            r,
-            card_lib.read_all(self.store, self.trust, self.fed.names),
-            measured_flop=flops,
-            projected_flop=self.fed.projected_flop(),
-            absent_ok=self.fed.names,
+            r, cards, measured_flop=flops, projected_flop=self.fed.projected_flop(), absent_ok=self.fed.names
         )
 
     def _gate_rejections(self, r: int, silos) -> dict[str, str]:
-        """Updates that do not count because of the compliance gate: an excluded silo, or (require_data_card)
-        one that uploaded without publishing a Data card."""
+        """Why silos' updates do not count because of the compliance gate: excluded, or (require_data_card)
+        no Data card published. The cards are read once, for the analysis and this decision alike."""
         if not self.gate.on:
             return {}
-        excluded = self.check_compliance(r)
-        published = set(card_lib.read_all(self.store, self.trust, list(silos)))
+        cards = card_lib.read_all(self.store, self.trust, self.fed.names, self.run_id)
+        excluded = self.check_compliance(r, cards)
         out = {}
         for silo in silos:
             if silo in excluded:
                 out[silo] = "excluded by the compliance gate: " + "; ".join(excluded[silo])
-            elif self.gate.require and silo not in published:
+            elif self.gate.require and silo not in cards:
                 out[silo] = "no Data card published (federation.compliance.require_data_card)"
         return {s: str(store_lib.UpdateRejected(s, r, why)) for s, why in out.items()}
 
@@ -283,6 +294,7 @@ class Aggregator:
             except store_lib.UpdateRejected as e:
                 rejected[silo] = str(e)
                 log("aggregator", f"REJECTED {e}")
+        validated = dict(manifests)  # every silo that trained and uploaded: its lifecycle figures count
         pause = float(os.environ.get("FEDJAX_PAUSE_AFTER_VALIDATION_S", "0"))  # fault-injection window
         if pause:
             log(
@@ -310,7 +322,7 @@ class Aggregator:
             update_norms={s: m["validation"]["norm"] for s, m in manifests.items()},  # as validated
             down_bytes=self._down_bytes(manifests, accepted, r),
             **({"excluded": sorted(self.gate.excluded)} if self.gate.on else {}),
-            **_reported_energy(manifests),
+            **_reported_lifecycle(validated),
             **self.fed.privacy_fields(r + 1, clipped, clip),
         )
         if self.fed.dp_round.adaptive is not None:
@@ -367,8 +379,10 @@ class Aggregator:
         spec = sec.spec(self.run_id, r, len(sampled))
         key = secure.aggregator_key(runs.noise_secret(self.workdir), self.run_id, r)
         proto = AggregatorProtocol(self.store, self.trust, spec, key, sec.phase_s, float(self.deploy.poll_s))
-        excluded = self.check_compliance(r)  # an excluded silo is kept out of U1: its input never counts
-        members = proto.members([s for s in sampled if s not in excluded])
+        gated = self._gate_rejections(r, sampled)  # kept out of U1: their inputs never count
+        for silo, reason in gated.items():
+            log("aggregator", f"REJECTED {reason}")
+        members = proto.members([s for s in sampled if s not in gated])
         senders = proto.senders(sorted(members))
         committed = self.wait_for_round(r, meta, expected=senders, quorum=0)  # the deadline decides
         late = self._log_late_updates(r)
@@ -420,9 +434,11 @@ class Aggregator:
             accepted,
             self.ledger,
             diag,
-            rejected=rejected,
+            rejected={**gated, **rejected},
             ignored_late=late,
             silo_seconds=seconds,
+            **({"excluded": sorted(self.gate.excluded)} if self.gate.on else {}),
+            **_reported_lifecycle(manifests),
             **secure.row_fields(
                 survivors, dropped, sum(int(m.get("secagg_saturated", 0)) for m in manifests.values())
             ),
@@ -455,8 +471,17 @@ class Aggregator:
         prices = {}
         for s in accepted:  # a silo that read the full copy says nothing: priced as the full copy
             q = downloads.held_round(manifests[s], r)
+            if q is not None and not (q == 0 and d.from_seed) and not self._was_sampled(s, q):
+                q = None  # a copy of a round it was not sampled in: a claim that cannot be true
             prices[s] = d.full_bytes if q is None else d.cost(q, r)
         return prices
+
+    def _was_sampled(self, silo: str, q: int) -> bool:
+        if not hasattr(self, "_samples"):
+            self._samples: dict[int, list[str]] = {}
+        if q not in self._samples:
+            self._samples[q] = list(self.store.read_global_meta(q).get("sampled", []))
+        return silo in self._samples[q]
 
     def _noise_secret(self) -> bytes | None:
         """Central DP: the aggregator's own noise secret, in its workdir (never in the store)."""
@@ -617,7 +642,8 @@ class Aggregator:
             from fedjax_lm.compliance import documents
 
             documents.write_reports(
-                self.workdir, data_cards=card_lib.read_all(self.store, self.trust, self.fed.names)
+                self.workdir,
+                data_cards=card_lib.read_all(self.store, self.trust, self.fed.names, self.run_id),
             )
         summary["server"] = server
         return summary

@@ -230,7 +230,11 @@ class SiloWorker:
         while True:
             # only metadata leaves the silo; published at joining and whenever it changes
             card_lib.publish(
-                self.store, self.trust, self.name, card_lib.own_card(self.config, self.name, self.corpus_dir)
+                self.store,
+                self.trust,
+                self.name,
+                card_lib.own_card(self.config, self.name, self.corpus_dir),
+                self.run_id,
             )
             r = self.store.latest_global()
             if r >= self.fed.rounds:

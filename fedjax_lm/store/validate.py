@@ -57,9 +57,9 @@ _NUMBER_FIELDS = {
     "flops": (0.0, 1e30),
     "secagg_saturated": (0, 1e15),  # entries the silo's ring encoding saturated (self-reported)
     "clipped": (0, 1),  # secure aggregation with DP: the silo clipped its own update (self-reported)
-    "download_from": (0, 1e9),
+    "download_from": (0, 1e9),  # compressed download: the round of the copy it started from (ledger only)
     "energy_kwh": (0.0, 1e9),  # the silo's metered training energy this round (self-reported)
-    "co2_kg": (0.0, 1e12),  # compressed download: the round of the copy it started from (ledger only)
+    "co2_kg": (0.0, 1e12),  # its CO2-eq (self-reported)
 }
 _SLAB = 1 << 20  # elements per slab for the finite / norm reductions
 MAX_REGIONS = 1 << 16  # regions of one array (a multi-host write has one per distinct shard)
