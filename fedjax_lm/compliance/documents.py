@@ -100,7 +100,9 @@ def _compute(facts: Mapping[str, Any]) -> dict[str, Any]:
         "training_flop": flops if flops is not None else UNKNOWN,
         "flop_formula": "per token 6 x matmul params + 6 x layers x seq_len x heads x head_dim "
         "(fedjax_lm.model.flops_per_token), times the tokens trained",
-        "training_time_s": s.get("wall_time_s", UNKNOWN),
+        # the rounds' own wall time: a resumed run's summary holds only the last invocation's
+        "training_time_s": sum(float(r.get("time_round", 0) or 0) for r in facts["rows"].values())
+        or s.get("wall_time_s", UNKNOWN),
         "tokens": s.get("tokens", UNKNOWN),
         "energy_kwh": e.get("energy_kwh", UNKNOWN),
         "energy_source": e.get("energy_source", UNKNOWN),
