@@ -31,7 +31,7 @@ Status: "prohibited", "out_of_scope", "non_compliant" (any unmet), "incomplete" 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from fedjax_lm.compliance import cards as cards_lib
@@ -86,6 +86,16 @@ class _Findings:
     def add(self, article, obligation, status, card: Card, field, reason) -> str:
         self.items.append(Finding(article, obligation, status, card.path, field, reason))
         return status
+
+    def flags(self, obligation, card: Card, field, items: Mapping[str, str]) -> None:
+        """A mapping of booleans (`items`: name -> article): true is met, false unmet, missing unknown."""
+        given = card.get(field) or {}
+        for item, article in items.items():
+            value, name = given.get(item), f"{field}.{item}"
+            if value is None:
+                self.add(article, obligation, UNKNOWN, card, name, f"{item} is not stated")
+            else:
+                self.add(article, obligation, MET if value else UNMET, card, name, f"{item}: {value}")
 
     def flag(self, article, obligation, card: Card, field, *, want: bool = True, why_unmet: str) -> str:
         """A boolean field: `want` is met, the other value unmet, missing unknown."""
@@ -244,13 +254,7 @@ def _high_risk_ingredient(f: _Findings, card: Card, purposes: list[str]) -> None
     if card.kind != "data":
         return
     governance = card.get("data_governance") or {}
-    for item, article in cards_lib.DATA_GOVERNANCE_ITEMS.items():
-        value = governance.get(item)
-        field = f"data_governance.{item}"
-        if value is None:
-            f.add(article, "data governance", UNKNOWN, card, field, f"{item} is not stated")
-        else:
-            f.add(article, "data governance", MET if value else UNMET, card, field, f"{item}: {value}")
+    f.flags("data governance", card, "data_governance", cards_lib.DATA_GOVERNANCE_ITEMS)
     if card.get("special_categories"):
         examined = governance.get("bias_examination")
         status = UNKNOWN if examined is None else (MET if examined else UNMET)
@@ -349,22 +353,7 @@ def _gpai(f: _Findings, cards: CardSet, classification: dict[str, Any]) -> None:
     f.flag("Art. 53(1)(d)", "public summary of training content", p, "training_content_summary",
            why_unmet="the public summary of training content is not published")  # fmt: skip
     if systemic:
-        measures = p.get("systemic_risk_measures") or {}
-        for item, article in cards_lib.SYSTEMIC_RISK_ITEMS.items():
-            value = measures.get(item)
-            field = f"systemic_risk_measures.{item}"
-            if value is None:
-                f.add(article, "systemic-risk obligations", UNKNOWN, p, field, f"{item} is not stated")
-            else:
-                f.add(
-                    article,
-                    "systemic-risk obligations",
-                    MET if value else UNMET,
-                    p,
-                    field,
-                    f"{item}: {value}",
-                )
-
+        f.flags("systemic-risk obligations", p, "systemic_risk_measures", cards_lib.SYSTEMIC_RISK_ITEMS)
 
 def report(verdict: Verdict) -> str:
     """The verdict as readable Markdown."""
