@@ -355,6 +355,7 @@ def _gpai(f: _Findings, cards: CardSet, classification: dict[str, Any]) -> None:
     if systemic:
         f.flags("systemic-risk obligations", p, "systemic_risk_measures", cards_lib.SYSTEMIC_RISK_ITEMS)
 
+
 def report(verdict: Verdict) -> str:
     """The verdict as readable Markdown."""
     c = verdict.classification
