@@ -151,6 +151,25 @@ class Meter:
             self._tracker = None
 
 
+def round_fields(
+    seconds: Mapping[str, float], used: Mapping[str, Mapping[str, Any]], source: str
+) -> dict[str, Any]:
+    """A round's lifecycle row fields: seconds/<silo>, and for the silos in `used` ({silo: energy_kwh,
+    co2_kg}) energy_kwh/<silo> with the round's energy_kwh, co2_kg (None unless every silo has one) and
+    `source`. Both drivers write them with this."""
+    row: dict[str, Any] = {f"seconds/{s}": float(t) for s, t in sorted(seconds.items())}
+    if not used:
+        return row
+    co2 = [u.get("co2_kg") for u in used.values()]
+    return {
+        **row,
+        **{f"energy_kwh/{s}": float(u["energy_kwh"]) for s, u in sorted(used.items())},
+        "energy_kwh": float(sum(u["energy_kwh"] for u in used.values())),
+        "co2_kg": None if any(c is None for c in co2) else float(sum(co2)),
+        "energy_source": source,
+    }
+
+
 def totals(rows: Mapping[int, Mapping[str, Any]] | list[Mapping[str, Any]]) -> dict[str, Any] | None:
     """The run's energy from its metrics rows (None if none was recorded)."""
     rows = list(rows.values()) if isinstance(rows, Mapping) else list(rows)

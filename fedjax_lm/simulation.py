@@ -278,19 +278,18 @@ class Simulation:
 
 
 def _lifecycle(measured: Mapping[str, tuple[float, Mapping[str, Any]]], share: int) -> dict[str, Any]:
-    """Row fields of the silos' training: seconds/<silo> and, when metered, energy_kwh/<silo> and the
-    round's energy_kwh, co2_kg and energy_source. With `share` > 1 every silo holds the same measurement
-    of one program that trained them all, split evenly."""
-    row: dict[str, Any] = {f"seconds/{n}": t / share for n, (t, _) in measured.items()}
-    used = {n: u for n, (_, u) in measured.items() if u}
-    if not used:
-        return row
-    row.update({f"energy_kwh/{n}": u["energy_kwh"] / share for n, u in used.items()})
-    row["energy_kwh"] = sum(u["energy_kwh"] for u in used.values()) / share
-    co2 = [u["co2_kg"] for u in used.values()]
-    row["co2_kg"] = None if any(c is None for c in co2) else sum(co2) / share
-    row["energy_source"] = next(iter(used.values()))["energy_source"]
-    return row
+    """`energy.round_fields` of the silos' measured (seconds, energy); with `share` > 1 every silo holds
+    the same measurement of one program that trained them all, split evenly."""
+    used = {
+        n: {
+            "energy_kwh": u["energy_kwh"] / share,
+            "co2_kg": None if u["co2_kg"] is None else u["co2_kg"] / share,
+        }
+        for n, (_, u) in measured.items()
+        if u
+    }
+    source = next((u["energy_source"] for _, u in measured.values() if u), "")
+    return energy.round_fields({n: t / share for n, (t, _) in measured.items()}, used, source)
 
 
 def _checkpoint_items(server, privates, broadcast=None) -> dict[str, Any]:

@@ -47,30 +47,17 @@ MAX_STRANGERS_LOGGED = 16  # updates under names that are not members: reported 
 
 
 def _reported_lifecycle(manifests: Mapping[str, Any]) -> dict[str, Any]:
-    """The validated silos' self-reported training time and energy: seconds/<silo>, energy_kwh/<silo> and
-    the round's totals; the energy source as the silos named it (printable, at most 80 characters)."""
-    row: dict[str, Any] = {
-        f"seconds/{s}": float(m["train_seconds"])
-        for s, m in sorted(manifests.items())
-        if "train_seconds" in m
-    }
-    kwh = {s: m["energy_kwh"] for s, m in manifests.items() if "energy_kwh" in m}
-    if not kwh:
-        return row
-    co2 = [manifests[s].get("co2_kg") for s in kwh]
+    """`energy.round_fields` of the validated silos' self-reported training seconds and energy; the energy
+    source as the silos named it (printable, at most 80 characters)."""
+    seconds = {s: m["train_seconds"] for s, m in manifests.items() if "train_seconds" in m}
+    used = {s: m for s, m in manifests.items() if "energy_kwh" in m}
     sources = sorted(
         {
-            "".join(ch for ch in str(manifests[s].get("energy_source", "unstated"))[:80] if ch.isprintable())
-            for s in kwh
+            "".join(ch for ch in str(m.get("energy_source", "unstated"))[:80] if ch.isprintable())
+            for m in used.values()
         }
     )
-    return {
-        **row,
-        **{f"energy_kwh/{s}": v for s, v in sorted(kwh.items())},
-        "energy_kwh": float(sum(kwh.values())),
-        "co2_kg": None if any(c is None for c in co2) else float(sum(co2)),
-        "energy_source": "reported by the silos: " + "; ".join(sources),
-    }
+    return energy.round_fields(seconds, used, "reported by the silos: " + "; ".join(sources))
 
 
 class Deadlines:
@@ -113,6 +100,7 @@ class Aggregator:
             tuple[int, str], tuple[bytes | None, str | None]
         ] = {}  # marker -> problem
         self.deadlines = Deadlines(self.deploy)
+        self._samples: dict[int, list[str]] = {}  # round -> its signed sample (prices download claims)
         self.gate = gate_lib.Gate(
             config.federation.compliance, workdir, self.fed.names, log=lambda m: log("aggregator", m)
         )
@@ -477,8 +465,6 @@ class Aggregator:
         return prices
 
     def _was_sampled(self, silo: str, q: int) -> bool:
-        if not hasattr(self, "_samples"):
-            self._samples: dict[int, list[str]] = {}
         if q not in self._samples:
             self._samples[q] = list(self.store.read_global_meta(q).get("sampled", []))
         return silo in self._samples[q]
