@@ -26,6 +26,7 @@ class ClientOutput:
     error: Any  # error-feedback residual kept by the silo
     opt_state: Any  # the silo's inner optimizer state after the round
     metrics: dict[str, Any]  # per local step: loss, grad_norm, tokens, lr
+    keys: Any = None  # FedPer: the silo's own trained key layers (they never travel)
 
 
 def client_init(global_params, opt_state, step0, *, tx: optax.GradientTransformation, reset_opt: bool):

@@ -29,13 +29,17 @@ def _ppl(loss: float) -> float:
 
 
 def evaluate(
-    silo_runtime: Any, params: Any, sets: Mapping[str, list[Mapping[str, np.ndarray]]]
+    silo_runtime: Any,
+    params: Any,
+    sets: Mapping[str, list[Mapping[str, np.ndarray]]],
+    personalised: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """{'per_silo': {silo: {loss, ppl, tokens}}, 'pooled': {loss, ppl, tokens}}."""
+    """{'per_silo': {silo: {loss, ppl, tokens}}, 'pooled': {loss, ppl, tokens}}; `personalised` (silo ->
+    params) evaluates a silo with its own model (key layers of its federation, or its own)."""
     per = {}
     total, count = 0.0, 0.0
     for name, batches in sets.items():
-        r = silo_runtime.evaluate(params, batches)
+        r = silo_runtime.evaluate(params if personalised is None else personalised[name], batches)
         per[name] = r
         total += r["loss"] * r["tokens"]
         count += r["tokens"]

@@ -46,6 +46,8 @@ from fedjax_lm import robust
 from fedjax_lm import secure
 from fedjax_lm import sharding as sharding_lib
 from fedjax_lm import silo as silo_lib
+from fedjax_lm import tree as tree_lib
+from fedjax_lm import worldlm
 from fedjax_lm.client import ClientOutput, client_final, client_init, client_round
 from fedjax_lm.node import node_round
 
@@ -84,6 +86,8 @@ def default_federation_config() -> ml_collections.ConfigDict:
             compliance=ml_collections.ConfigDict(compliance_gate.default_config()),
             trim_fraction=robust.DEFAULT_TRIM_FRACTION,  # trimmed_mean: dropped at EACH end, in [0, 0.5)
             outer=outer.default_outer_config("fedavg"),
+            # A tree of federations (WorldLM, HierFAVG) and partial localisation (FedPer): fedjax_lm/tree.py.
+            tree=ml_collections.ConfigDict(tree_lib.default_config()),
             parallel=False,  # simulation: train the K silos of a round in one vmapped program
             sample_seed=0,
             eval_every=0,  # rounds; 0 = only at the end (an aggregator evaluates if it sees a corpus)
@@ -146,6 +150,34 @@ def check_config(fed: Mapping[str, Any]) -> None:
     dp_round.check_config(fed)
     secure.check_config(fed)
     compliance_gate.check_config(fed["compliance"])
+    tree_lib.check_config(fed["tree"])
+    if str(fed["tree"]["spec"]).strip():
+        refused = {
+            "parallel": fed["parallel"],
+            "download_compression": fed["download_compression"] != "none",
+            "aggregate_inner_moments": fed["aggregate_inner_moments"],
+            "secagg.enabled": fed["secagg"]["enabled"],
+        }
+        on = [k for k, v in refused.items() if v]
+        if on:
+            raise ValueError(
+                f"federation.tree.spec (a tree of federations) does not support federation.{', '.join(on)} yet: "
+                "turn it off (download_compression='none') or use the flat federation"
+            )
+    if fed["tree"]["key_layers"]:
+        refused = {
+            "secagg.enabled": fed["secagg"]["enabled"],
+            "dp.mode": fed["dp"]["mode"] != "off",
+            "parallel": fed["parallel"],
+            "download_compression": fed["download_compression"] != "none",
+            "aggregate_inner_moments": fed["aggregate_inner_moments"],
+        }
+        on = [k for k, v in refused.items() if v]
+        if on:
+            raise ValueError(
+                f"federation.tree.key_layers (partial localisation) does not support federation.{', '.join(on)} "
+                "yet (key layers are aggregated outside the private, masked or compressed mean): turn it off"
+            )
     if fed["aggregate_inner_moments"] and fed["inner_state"] != "keep":
         raise ValueError("federation.aggregate_inner_moments needs federation.inner_state='keep'")
     try:
@@ -225,11 +257,16 @@ class Federation:
     def __init__(self, config: ml_collections.ConfigDict, names: Sequence[str], mesh: Mesh | None = None):
         fed = config.federation
         check_silo_count(fed, len(names))
-        self.config, self.fed, self.names = config, fed, sorted(names)
+        # The root's participants: the silos (flat), or the silos and federations the tree puts under it.
+        self.tree = tree_lib.from_config(fed, names)
+        self.config, self.fed, self.names = config, fed, sorted(self.tree.root.children)
         self.H, self.rounds = int(fed.local_steps), int(fed.rounds)
+        self.leaf_rounds = self.tree.leaf_rounds()  # a silo's rounds per root round (1: flat)
         self.seq_len, self.batch_size = int(config.train.seq_len), int(config.train.batch_size)
-        # The inner schedule runs over round * H + local step, whatever a silo's participation.
-        self.silo = silo_lib.from_config(config, total_steps=self.rounds * self.H, mesh=mesh)
+        # The inner schedule runs over (a silo's round) * H + local step, whatever its participation.
+        self.silo = silo_lib.from_config(
+            config, total_steps=self.rounds * self.leaf_rounds * self.H, mesh=mesh
+        )
         self.algo = outer.OuterAlgorithm(fed.outer)
         self.keep_opt = fed.inner_state == "keep"
         self.feedback = bool(fed.error_feedback)
@@ -249,6 +286,11 @@ class Federation:
         # The most tokens a silo can see in a round: its claimed count is capped here (the server
         # decides weights; a claim of 1e37 tokens would otherwise be the whole mean).
         self.token_cap = float(self.H * self.batch_size * self.seq_len)
+        # ... and a federation of the tree at most what its silos can give it in a round of its parent.
+        self.token_caps = {
+            n: self.token_cap * len(self.tree.silos_under(n)) * self.tree.leaf_rounds(n)
+            for n in self.tree.nodes
+        }
         self.chunk = report_chunk(self.H, int(fed.report_every))
         s = self.silo
         self._init = jax.jit(
@@ -301,6 +343,24 @@ class Federation:
                 lambda x: {"x": jax.ShapeDtypeStruct(x.shape, ring)}, s.abstract_params
             )
         self.payload_bytes = compression.payload_nbytes(self.abstract_payload)  # every valid upload's size
+        # Partial localisation (tree.key_layers): the key leaves, and what their part of an upload weighs.
+        self.key_mask, self.key_payload_bytes = None, 0
+        if fed.tree.key_layers:
+            self.key_mask = worldlm.key_mask(s.abstract_params, tuple(fed.tree.key_layers))
+            self.key_payload_bytes = sum(
+                jax.tree.leaves(
+                    jax.tree.map(
+                        lambda m, p: compression.payload_nbytes(p) if m else 0,
+                        self.key_mask,
+                        self.abstract_payload,
+                    )
+                )
+            )
+            mask = tuple(jax.tree.leaves(self.key_mask))
+            self._final_personal = jax.jit(
+                functools.partial(_final_personal, mask=mask, method=self.method, block_size=self.block_size),
+                donate_argnums=(1,),
+            )
         like = self.abstract_params
         self._payload_stats = jax.jit(lambda p: outer.delta_stats(compression.decompress(p, like)))
         self._all_finite = jax.jit(
@@ -348,8 +408,13 @@ class Federation:
         batches: Mapping[str, np.ndarray],
         r: int,
         progress: Callable[[int, dict[str, float]], None] | None = None,
+        personal: bool = False,
     ) -> ClientOutput:
         """H local steps from the global params; `batches` are host arrays [H, B, L].
+
+        `r` is the silo's round (the root's round in a flat federation; in a tree, the silo's own count).
+        `personal` (FedPer, tree.key_owner='silo'): the key layers stay with the silo: its upload carries
+        no key-layer delta and the output's `keys` are its trained key layers.
 
         The steps run in chunks of `self.chunk` (one compiled program, state donated from
         chunk to chunk); chunk i's metrics are read only after chunk i+1 was dispatched, and
@@ -369,10 +434,21 @@ class Federation:
         host = [{k: np.asarray(v) for k, v in jax.device_get(m).items()} for m in chunks]
         if progress is not None:
             progress(self.H, host[-1])
+        keys = None
         with jax.set_mesh(s.mesh):
-            payload, error = self._final(global_params, state.params, private.get("error"))
+            if personal:
+                payload, error, keys = self._final_personal(global_params, state.params, private.get("error"))
+            else:
+                payload, error = self._final(global_params, state.params, private.get("error"))
         metrics = {k: np.concatenate([m[k] for m in host]) for k in host[0]}
-        return ClientOutput(payload=payload, error=error, opt_state=state.opt_state, metrics=metrics)
+        return ClientOutput(
+            payload=payload, error=error, opt_state=state.opt_state, metrics=metrics, keys=keys
+        )
+
+    def final(self, anchor, params, error):
+        """A participant's upload from `anchor` (what it started from) and `params` (donated)."""
+        with jax.set_mesh(self.silo.mesh):
+            return self._final(anchor, params, error)
 
     def client_round_fn(self):
         """`client_round` bound to this federation, a pure function of (global params, opt state,
@@ -401,9 +477,10 @@ class Federation:
             )
         return None, stats["norm"]
 
-    def weight(self, claimed_tokens: float) -> float:
-        """A silo's weight in the mean: its claimed tokens, at most what a round can give it."""
-        return min(float(claimed_tokens), self.token_cap)
+    def weight(self, claimed_tokens: float, name: str | None = None) -> float:
+        """A participant's weight in the mean: its claimed tokens, at most what a round can give it
+        (a federation of the tree: what all its silos can give it)."""
+        return min(float(claimed_tokens), self.token_caps.get(name, self.token_cap))
 
     def outlier_norms(self, norms: Mapping[str, float]) -> dict[str, str]:
         """Updates whose norm exceeds max_update_norm_ratio x the round's median (3 or more silos):
@@ -521,12 +598,15 @@ class Federation:
         *,
         update_norms: Mapping[str, float] | None = None,
         down_bytes: Mapping[str, int] | None = None,
+        up_bytes: Mapping[str, int] | None = None,
+        workers: int | None = None,
         **extra,
     ) -> dict[str, Any]:
         """The round's metrics row; `accepted` maps silo -> {tokens (its weight), loss (or None)}.
 
         `down_bytes` (silo -> bytes it downloaded this round; default: the f32 model for each accepted
-        silo) go to the ledger, with the shared inner moments both ways when they are aggregated. `update_norms` (silo -> L2 norm of its decoded upload, accepted or not) become
+        silo) and `up_bytes` (default: the upload's size) go to the ledger; the data-parallel equivalent is
+        `workers` (default: the accepted participants) all-reducing for the round's H x leaf_rounds steps; with the shared inner moments both ways when they are aggregated. `update_norms` (silo -> L2 norm of its decoded upload, accepted or not) become
         `update_norm/<silo>`; `extra` is merged as is (e.g. `update_diagnostics`' fields).
         """
         tokens = {s: float(a["tokens"]) for s, a in accepted.items()}
@@ -534,8 +614,13 @@ class Federation:
         comm = ledger.record_round(
             r,
             down={s: b + (self.moment_bytes if s in accepted else 0) for s, b in down.items()},
-            up={s: self.payload_bytes + self.moment_bytes for s in accepted},
-            dp_equivalent=monitor.dp_allreduce_bytes(self.param_bytes, self.H, len(accepted)),
+            up={
+                s: (self.payload_bytes if up_bytes is None else up_bytes[s]) + self.moment_bytes
+                for s in accepted
+            },
+            dp_equivalent=monitor.dp_allreduce_bytes(
+                self.param_bytes, self.H * self.leaf_rounds, len(accepted) if workers is None else workers
+            ),
         )
         fpt = model_lib.flops_per_token(
             self.silo.model_config, self.seq_len
@@ -569,3 +654,14 @@ class Federation:
         names = list(updates)
         gram = diagnostics.payload_gram([updates[n][0] for n in names], self.abstract_params)
         return diagnostics.update_geometry(gram, names, [updates[n][1] for n in names])
+
+
+def _final_personal(global_params, local_params, error, *, mask, method, block_size):
+    """FedPer's upload: Δ from the global backbone with the silo's own trained key layers as the anchor's
+    (so the key leaves' delta is exactly zero and never travels), and those key layers."""
+    flat_g, treedef = jax.tree.flatten(global_params)
+    flat_l = treedef.flatten_up_to(local_params)
+    anchor = jax.tree.unflatten(treedef, [l if m else g for g, l, m in zip(flat_g, flat_l, mask)])
+    keys = [jnp.copy(l) for l, m in zip(flat_l, mask) if m]
+    payload, new_error = client_final(anchor, local_params, error, method=method, block_size=block_size)
+    return payload, new_error, keys

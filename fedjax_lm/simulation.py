@@ -28,6 +28,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -45,7 +46,9 @@ from fedjax_lm.compliance import gate as compliance_gate
 from fedjax_lm import runs
 from fedjax_lm import secagg
 from fedjax_lm import secure
+from fedjax_lm import tree_round
 from fedjax_lm.data import select
+from fedjax_lm.node import node_round
 
 
 @dataclasses.dataclass
@@ -72,6 +75,9 @@ class Simulation:
         self.excluded: Mapping[str, Any] = {}  # silo -> why the compliance gate keeps it out
         self.meter = energy.Meter(config.federation.compliance.energy)
         self.lifecycle: dict[str, Any] = {}  # the last round's per-silo seconds and energy (round_row extra)
+        # The tree of federations (fedjax_lm/tree.py): the sub-federations below the root, key layers.
+        self.subtree = tree_round.Subtree(self.fed)
+        self.tree = self.fed.tree
 
     def init(self, seed: int) -> tuple[outer.OuterState, dict[str, SiloPrivate]]:
         server = self.fed.init_server(seed)
@@ -81,14 +87,76 @@ class Simulation:
             n: SiloPrivate(
                 self.fed.fresh_private(server.params), select.silo_iterator(self.corpus, n, self.config)
             )
-            for n in self.fed.names
+            for n in self.tree.silos
         }
+        if self.subtree.personal:  # FedPer: each silo's own key layers, from the same init
+            for p in privates.values():
+                p.arrays["keys"] = self.subtree.keys_list(server.params)
+        self.subtree.init(server.params)
         return server, privates
+
+    def personalised(self, server_params, privates) -> dict[str, Any]:
+        return self.subtree.personalised(server_params, privates)
+
+    def _train_node(self, name: str, anchor, privates, r: int):
+        """A federation below the root as one participant of its parent: from the params its parent sent
+        (`anchor`), `tree.local_rounds` rounds of its own children, then its upload anchor − θ_node."""
+        f, sub = self.fed, self.subtree
+        node = sub.nodes[name]
+        state = outer.OuterState(sub.node_start(name, anchor), node.state.opt_state, node.state.round)
+        tokens, losses = 0.0, []
+        for j in range(self.tree.local_rounds):
+            rr = r * self.tree.local_rounds + j  # the round its silos count (their schedule's)
+            children = [c for c in self.tree.nodes[name].children if c not in self.excluded]
+            outs = self.run_clients(state.params, privates, children, rr)
+            accepted, rejected, _ = self._check(children, outs, rr)
+            weights = {c: a["tokens"] for c, a in accepted.items()}
+            if accepted:
+                sent = state.params
+                result = node_round(sub.algo, state, ((outs[c].payload, weights[c]) for c in accepted))
+                state = sub.key_step(name, sent, result.state, outs, accepted, weights)
+            self._advance(privates, outs, children)
+            sub.record_inner(name, accepted, rejected)
+            tokens += sum(weights.values())
+            losses += [(a["loss"], a["tokens"]) for a in accepted.values()]
+        payload, error = f.final(
+            sub.up_anchor(anchor, state.params), jax.tree.map(jnp.copy, state.params), node.error
+        )
+        sub.nodes[name] = tree_round.NodeState(state, error)
+        loss = (
+            float(np.average([x for x, _ in losses], weights=[w for _, w in losses])) if losses else math.nan
+        )
+        return fed_lib.ClientOutput(
+            payload=payload,
+            error=error,
+            opt_state=None,
+            metrics={"tokens": np.asarray([tokens]), "loss": np.asarray([loss])},
+        )
+
+    def _check(self, names, outs, r: int):
+        """(accepted {name: tokens, loss}, rejected {name: why}, update norms) of a round's uploads."""
+        f = self.fed
+        accepted, rejected, norms = {}, {}, {}
+        for n in names:
+            o = outs[n]
+            reason, norms[n] = f.check_update(o.payload)
+            tokens = f.weight(np.asarray(o.metrics["tokens"]).sum(), n)
+            if reason is None and not tokens > 0:
+                reason = "no silo of this federation trained"
+            if reason is not None:
+                rejected[n] = reason
+                continue
+            accepted[n] = {"tokens": tokens, "loss": float(np.asarray(o.metrics["loss"]).mean())}
+        rejected.update(f.outlier_norms({n: norms[n] for n in accepted}))
+        for n, reason in rejected.items():
+            accepted.pop(n, None)
+            print(f"[fedjax_lm] round {r}: REJECTED {n}: {reason}", flush=True)
+        return accepted, rejected, norms
 
     # -- one round -----------------------------------------------------------------------------
     def run_clients(self, params, privates: Mapping[str, SiloPrivate], sampled: Sequence[str], r: int):
         """The sampled silos' rounds from `params` (the global, or its broadcast copy)."""
-        batches = {n: select.next_batches(privates[n].iterator, self.fed.H) for n in sampled}
+        batches = {n: select.next_batches(privates[n].iterator, self.fed.H) for n in sampled if n in privates}
         if self.fed.fed.parallel:
             t0 = time.perf_counter()
             with self.meter.measure() as used:
@@ -99,16 +167,23 @@ class Simulation:
         outs, measured = {}, {}
         for n in sampled:
             t0 = time.perf_counter()
+            if (
+                n in self.subtree.nodes
+            ):  # a federation of the tree: its own rounds (its silos are measured there)
+                outs[n] = self._train_node(n, params, privates, r)
+                measured[n] = (time.perf_counter() - t0, {})
+                continue
             with self.meter.measure() as used:
                 outs[n] = jax.block_until_ready(
                     self.fed.train_silo(
-                        params,
+                        self.subtree.silo_start(n, params, privates),
                         privates[n].arrays,
                         batches[n],
                         r,
                         monitor.round_progress(n, r + 1, self.fed.H, self.fed.batch_size * self.fed.seq_len)
                         if self.progress
                         else None,
+                        personal=self.subtree.personal,
                     )
                 )
             measured[n] = (time.perf_counter() - t0, used)
@@ -163,21 +238,7 @@ class Simulation:
             jax.block_until_ready(outs)
         if f.secure is not None:
             return self._secure_round(server, privates, outs, sampled, r, timer, ledger)
-        accepted, rejected, norms = {}, {}, {}
-        for n in sampled:
-            o = outs[n]
-            reason, norms[n] = f.check_update(o.payload)
-            if reason is not None:
-                rejected[n] = reason
-                continue
-            accepted[n] = {
-                "tokens": f.weight(np.asarray(o.metrics["tokens"]).sum()),
-                "loss": float(np.asarray(o.metrics["loss"]).mean()),
-            }
-        rejected.update(f.outlier_norms({n: norms[n] for n in accepted}))
-        for n, reason in rejected.items():
-            accepted.pop(n, None)
-            print(f"[fedjax_lm] round {r}: REJECTED silo {n}: {reason}", flush=True)
+        accepted, rejected, norms = self._check(sampled, outs, r)
         clip = self.clip_norm
         weights, factor, clipped = f.server_weights(
             {n: a["tokens"] for n, a in accepted.items()}, {n: norms[n] for n in accepted}, clip
@@ -189,6 +250,7 @@ class Simulation:
                     ((outs[n].payload, weights[n]) for n in accepted),
                     finish=lambda mean: f.finish_aggregate(mean, factor, r, self.noise_secret, clip),
                 )
+                server = self.subtree.key_step("root", start, server, outs, accepted, weights)
             else:
                 server, diag = outer.OuterState(server.params, server.opt_state, server.round + 1), {}
             jax.block_until_ready(server)
@@ -211,8 +273,14 @@ class Simulation:
             **geometry,
             **f.privacy_fields(r + 1, clipped, clip),
             **self.lifecycle,
+            **self.subtree.row_fields(r, accepted, ledger),
             down_bytes=down,
+            up_bytes={n: self.subtree.up_bytes(n) for n in accepted},
+            workers=sum(len(self._trained_silos(n)) for n in accepted),
         )
+
+    def _trained_silos(self, name: str) -> list[str]:
+        return [s for s in self.tree.silos_under(name) if s not in self.excluded]
 
     def _advance_download(self, server, accepted, sampled, r: int) -> dict[str, int]:
         """What the accepted silos downloaded this round (as a deployment counts it); then the broadcast
@@ -226,7 +294,12 @@ class Simulation:
 
     def _advance(self, privates, outs, sampled) -> None:
         for n in sampled:  # a silo's private state advances whether or not its update was accepted
-            privates[n].arrays = self.fed.next_private(privates[n].arrays, outs[n])
+            if n not in privates:  # a federation of the tree: its state moved in _train_node
+                continue
+            arrays = self.fed.next_private(privates[n].arrays, outs[n])
+            if outs[n].keys is not None:  # FedPer: the silo's own key layers
+                arrays["keys"] = outs[n].keys
+            privates[n].arrays = arrays
 
     def _secure_round(self, server, privates, outs, sampled, r, timer, ledger):
         """The round under secure aggregation: each silo's contribution (`SecureSum.contribution`)
@@ -292,7 +365,7 @@ def _lifecycle(measured: Mapping[str, tuple[float, Mapping[str, Any]]], share: i
     return energy.round_fields({n: t / share for n, (t, _) in measured.items()}, used, source)
 
 
-def _checkpoint_items(server, privates, broadcast=None) -> dict[str, Any]:
+def _checkpoint_items(server, privates, broadcast=None, sim: Simulation | None = None) -> dict[str, Any]:
     items = {
         "params": server.params,
         "outer": {"opt_state": server.opt_state, "round": server.round},
@@ -300,6 +373,8 @@ def _checkpoint_items(server, privates, broadcast=None) -> dict[str, Any]:
     }
     if broadcast is not None:
         items["broadcast"] = broadcast
+    if sim is not None:  # the tree's federations below the root
+        items.update(sim.subtree.checkpoint_items())
     return items
 
 
@@ -326,9 +401,10 @@ def train(
     start = ckpt.latest_step() or 0
     if start:
         items, meta = ckpt.restore(
-            start, jax.tree.map(_abstract, _checkpoint_items(server, privates, sim.broadcast))
+            start, jax.tree.map(_abstract, _checkpoint_items(server, privates, sim.broadcast, sim))
         )
         sim.broadcast = items.get("broadcast")
+        sim.subtree.restore(items)
         sim.held = dict(meta.get("held", {}))
         server = outer.OuterState(items["params"], items["outer"]["opt_state"], items["outer"]["round"])
         for n, p in privates.items():
@@ -357,12 +433,12 @@ def train(
     sim.noise_secret = runs.noise_secret(workdir) if f.dp_on else None
     end = last if stop_after_round is None else min(last, stop_after_round)
     eval_every, ckpt_every = int(config.federation.eval_every), int(config.federation.checkpoint_every)
-    gate = compliance_gate.Gate(config.federation.compliance, workdir, f.names)
+    gate = compliance_gate.Gate(config.federation.compliance, workdir, f.tree.silos)
     flops_done = sum(row.get("flops", 0) for row in monitor.rows_by_round(workdir, "rounds").values())
     for r in range(start, end):
         t0 = time.perf_counter()
         if gate.on:  # before the round's first step: the first round, and whenever a card changed
-            cards = compliance_gate.local_data_cards(gate.folder, f.names, config.data.corpus_dir)
+            cards = compliance_gate.local_data_cards(gate.folder, f.tree.silos, config.data.corpus_dir)
             sim.excluded = gate.check(r, cards, measured_flop=flops_done, projected_flop=f.projected_flop())
         server, row = sim.round(server, privates, r, timer, ledger)
         flops_done += row["flops"]
@@ -376,7 +452,9 @@ def train(
         row.update({f"time_{k}": v for k, v in timer.pop().items()})
         if eval_every and (r + 1) % eval_every == 0 and r + 1 != f.rounds:
             with timer.phase("eval"):
-                row["val_ppl"] = eval_lib.evaluate(f.silo, server.params, sets)["pooled"]["ppl"]
+                row["val_ppl"] = eval_lib.evaluate(
+                    f.silo, server.params, sets, sim.personalised(server.params, privates)
+                )["pooled"]["ppl"]
             row["time_eval"] = timer.pop().get("eval", 0.0)
         row["time_round"] = time.perf_counter() - t0
         writer.write("rounds", r + 1, row)
@@ -395,13 +473,13 @@ def train(
                 "held": sim.held,  # compressed download: the round whose copy each silo holds
                 "round": r + 1,
             }
-            ckpt.save(r + 1, _checkpoint_items(server, privates, sim.broadcast), meta)
+            ckpt.save(r + 1, _checkpoint_items(server, privates, sim.broadcast, sim), meta)
     ckpt.close()
     sim.meter.close()
     if end < last:
         writer.close()
         return {"stopped_at_round": end, "server": server}
-    result = eval_lib.evaluate(f.silo, server.params, sets)
+    result = eval_lib.evaluate(f.silo, server.params, sets, sim.personalised(server.params, privates))
     writer.write("eval", last, eval_lib.scalars(result))
     writer.close()
     comm = ledger.totals()
@@ -410,8 +488,14 @@ def train(
         "kind": "federated",
         "rounds": f.rounds,
         "local_steps": f.H,
-        "silos": len(f.names),
+        "silos": len(f.tree.silos),
         "silos_per_round": int(config.federation.silos_per_round) or len(f.names),
+        "tree": {
+            "spec": str(config.federation.tree.spec),
+            "depth": f.tree.depth(),
+            "key_layers": list(config.federation.tree.key_layers),
+            "key_owner": sim.subtree.owner if sim.subtree.keyed else None,
+        },
         "outer": config.federation.outer.name,
         "aggregation": config.federation.aggregation,
         "compression": config.federation.compression,
@@ -424,6 +508,8 @@ def train(
     rows = monitor.rows_by_round(workdir, "rounds")
     summary["flops"] = sum(float(row.get("flops", 0) or 0) for row in rows.values())
     summary["energy"] = energy.totals(rows)
+    if sim.subtree.keyed:  # `val` is each silo with its own key layers; this is the global model's
+        summary["val_global"] = eval_lib.evaluate(f.silo, server.params, sets)
     if f.dp_on:
         summary["privacy"] = f.dp_round.summary(last, sim.clip_norm)
     runs.write_json_atomic(os.path.join(workdir, "summary.json"), summary)

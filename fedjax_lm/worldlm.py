@@ -33,8 +33,23 @@ Each child gets its own layers back (k_p + r_c = k_c) plus gamma times what its 
 learned beyond the federation's mean. With one child e_c = 0 (nothing to share); with two, e_c is the
 sibling's residual.
 
-What travels: upward, a child's backbone pseudo-gradient (like any update) and its key layers to its
-own federation only, never further up; downward, the backbone and, per child, k_p + r_c + gamma e_c.
+In the tree's round (fedjax_lm/simulation.py; `federation.tree`, fedjax_lm/tree.py):
+
+* a silo trains the backbone it received with its federation's key layers k_p and uploads Δ = θ_sent − θ
+  whole: its key-layer delta goes to its own federation, which is where key layers are aggregated;
+* a federation aggregates its children's backbone deltas by the token-weighted mean and its outer step,
+  and its key layers by `aggregate_keys` (k_c = k_sent − Δ_c^K, then the attention mean above), in the
+  same round;
+* a federation's upload to its parent is its backbone pseudo-gradient. Of its key layers: with
+  `residual=False`, nothing (the delta of those leaves is exactly zero and the ledger does not count
+  them: the key layers never leave the federation); with `residual=True`, the residual -r = k_ref − k_p
+  from the reference k_ref its parent sent (the parent's own key layers). The parent could rebuild k_p
+  from it and k_ref: residual sharing trades that away for the siblings' information;
+* the parent then sends each sub-federation, with the backbone, e_c (the embedding above), and the
+  child's next key layers are its own plus gamma e_c (= k_p + r_c + gamma e_c);
+* with `key_owner="silo"` (FedPer) a silo keeps its own key layers and uploads none of them.
+
+A silo is evaluated with the root's backbone and its federation's key layers (FedPer: its own).
 """
 
 from __future__ import annotations
@@ -46,6 +61,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from fedjax_lm import outer
 from fedjax_lm.store import arrays as arrays_lib
 
 Layers = dict[str, jax.Array]  # key layers: leaf path -> array
@@ -160,3 +176,56 @@ def children_key_layers(
 ) -> list[Layers]:
     """What each child receives: k_p + r_c + gamma e_c."""
     return [{name: kp + r[name] + gamma * e[name] for name, kp in parent.items()} for r, e in zip(res, emb)]
+
+
+# ---------------------------------------------------------------------- in the tree's round (simulation.py)
+
+
+def key_names(tree: Any, mask: Any) -> list[str]:
+    """The key leaves' paths, in tree order (the order of a list of key layers, e.g. in a checkpoint)."""
+    return [name for name, m in zip(leaf_paths(tree), jax.tree.leaves(mask)) if m]
+
+
+def key_deltas(payload: Any, mask: Any, like: Any) -> Layers:
+    """The key leaves of a decoded upload Δ = k_sent − k_child, by path (only those leaves are decoded)."""
+    treedef = jax.tree.structure(like)
+    names = leaf_paths(like)
+    out = {}
+    for name, m, p, x in zip(
+        names, treedef.flatten_up_to(mask), treedef.flatten_up_to(payload), jax.tree.leaves(like)
+    ):
+        if m:
+            out[name] = outer.decode_payload_leaf(p, x.shape).astype(x.dtype)
+    return out
+
+
+def aggregate_keys(
+    sent: Layers,
+    deltas: Sequence[Layers],
+    weights: Sequence[float],
+    *,
+    attention: bool,
+    temperature: float,
+    step: float,
+) -> tuple[Layers, list[Layers], dict[str, jax.Array]]:
+    """A federation's key layers after its round, from the key deltas its children sent.
+
+    Each child's key layers are k_c = k_sent − Δ_c. With `attention`, k_p = `attention_aggregate`
+    (a^l softmax over -d/T); without, the token-weighted mean (a_c = w_c / sum w). Returns (k_p, the
+    children's k_c, a per key leaf [K])."""
+    children = [{n: sent[n] - d[n] for n in sent} for d in deltas]
+    if attention:
+        new, a = attention_aggregate(sent, children, temperature, step)
+        return new, children, a
+    w = jnp.asarray(weights, jnp.float32) / float(sum(weights))
+    new = {
+        n: (kp + step * sum(w[i] * (c[n] - kp) for i, c in enumerate(children))).astype(kp.dtype)
+        for n, kp in sent.items()
+    }
+    return new, children, {n: w for n in sent}
+
+
+def mean_weights(a: Mapping[str, jax.Array], names: Sequence[str]) -> dict[str, float]:
+    """Each child's attention weight averaged over the key leaves (what the round row logs)."""
+    stacked = jnp.mean(jnp.stack([a[n] for n in a]), axis=0)
+    return {c: float(stacked[i]) for i, c in enumerate(names)}

@@ -39,6 +39,12 @@ def check_deployable(config: ml_collections.ConfigDict) -> None:
             "federation.aggregate_inner_moments is supported by the one-process simulation only: a "
             "deployment would have to upload every silo's AdamW moments (2x the model); set it to False"
         )
+    if str(fed.tree.spec).strip() or fed.tree.key_layers:
+        raise ValueError(
+            "federation.tree (a tree of federations, key layers) runs in the one-process simulation only for "
+            "now (python -m fedjax_lm train); a deployment runs the flat federation: set "
+            "federation.tree.spec='' and federation.tree.key_layers=()"
+        )
 
 
 def shared_config(config: ml_collections.ConfigDict) -> dict[str, Any]:

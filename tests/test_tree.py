@@ -1,0 +1,178 @@
+"""The tree of federations (fedjax_lm/tree.py) in the one-process driver: the flat federation as the depth-1
+tree, sub-federations as participants, key layers kept local (FedPer, WorldLM), resume of a three-level tree."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from fedjax_lm import compression
+from fedjax_lm import config as config_lib
+from fedjax_lm import simulation
+from fedjax_lm import tree as tree_lib
+from fedjax_lm import tree_report
+from fedjax_lm import worldlm
+from test_simulation import fed_config, leaves
+
+pytestmark = pytest.mark.slow
+
+THREE_LEVELS = "west(text(code,prose)),east(jl(lines))"
+KEYS = ("lm_head/.*", "final_norm/.*")
+
+
+def tree_config(small_corpus, spec="", **tree):
+    c = fed_config(small_corpus, download_compression="none")
+    c.federation.compliance.cards = ""
+    c.federation.tree.spec = spec
+    c.federation.tree.update(tree)
+    return c
+
+
+def rows(workdir):
+    return [json.loads(line) for line in open(workdir / "metrics" / "rounds.jsonl")]
+
+
+def test_spec_parses_and_bad_specs_name_the_problem():
+    t = tree_lib.parse(THREE_LEVELS, ["code", "prose", "lines"], local_rounds=2)
+    assert t.root.children == ("west", "east")
+    assert t.nodes["text"].children == ("code", "prose") and t.parent["lines"] == "jl"
+    assert t.path("prose") == ["root", "west", "text"] and t.depth() == 3
+    assert t.leaf_rounds() == 4 and t.silos_under("west") == ["code", "prose"]
+    assert t.inner() == ["west", "east", "text", "jl"]
+    flat = tree_lib.parse("", ["b", "a"])
+    assert flat.flat and flat.root.children == ("a", "b") and flat.leaf_rounds() == 1
+    silos = ["code", "prose", "lines"]
+    for spec, message in [
+        ("a(code,prose),lines,zz", "does not have: \\['zz'\\]"),
+        ("a(code),lines", "leaves out silos \\['prose'\\]"),
+        ("a(code,prose),a(lines)", "'a' is used twice"),
+        ("a(code,prose,lines", "not closed"),
+        ("a(code;prose),lines", "unexpected ';'"),
+        ("root(code,prose,lines)", "reserved"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            tree_lib.parse(spec, silos)
+    with pytest.raises(ValueError, match="different numbers of rounds"):
+        tree_lib.parse("a(b(code),prose),lines", silos, local_rounds=2)
+    tree_lib.parse("a(b(code),prose),lines", silos, local_rounds=1)  # equal at local_rounds=1
+
+
+def test_config_errors_name_the_field(small_corpus):
+    c = tree_config(small_corpus, THREE_LEVELS)
+    c.federation.download_compression = "int8"
+    with pytest.raises(ValueError, match="does not support federation.download_compression"):
+        config_lib.validate(c)
+    c = tree_config(small_corpus, key_layers=("no_such_layer",))
+    with pytest.raises(ValueError, match="'no_such_layer' matches no parameter"):
+        simulation.Simulation(c, simulation.select.ensure_corpus(c.data), progress=False)
+    c = tree_config(small_corpus, key_owner="everyone")
+    with pytest.raises(ValueError, match="key_owner must be one of"):
+        config_lib.validate(c)
+    c = tree_config(small_corpus, key_layers=("lm_head/.*",))
+    c.federation.dp.update(dict(mode="central", clip_norm=1.0, noise_multiplier=1.0))
+    with pytest.raises(ValueError, match="key_layers .* does not support federation.dp.mode"):
+        config_lib.validate(c)
+
+
+def test_depth_one_tree_is_the_flat_federation_bit_for_bit(small_corpus, tmp_path):
+    flat = simulation.train(tree_config(small_corpus), str(tmp_path / "flat"))
+    spelled = simulation.train(tree_config(small_corpus, "lines,prose,code"), str(tmp_path / "spelled"))
+    for x, y in zip(leaves(flat["server"].params), leaves(spelled["server"].params)):
+        np.testing.assert_array_equal(x, y)
+    assert [r["tokens"] for r in rows(tmp_path / "flat")] == [r["tokens"] for r in rows(tmp_path / "spelled")]
+    assert flat["communication"] == spelled["communication"]
+
+
+def test_one_silo_sub_federations_with_fedavg_match_the_flat_federation(small_corpus, tmp_path):
+    """A sub-federation of one silo with FedAvg (lr 1) and uncompressed uploads passes its silo's
+    pseudo-gradient on unchanged, up to float rounding: the tree's round is the flat round."""
+    flat = tree_config(small_corpus)
+    flat.federation.compression = "none"
+    nested = tree_config(small_corpus, "a(code),b(lines),c(prose)")
+    nested.federation.compression = "none"
+    x = simulation.train(flat, str(tmp_path / "flat"))
+    y = simulation.train(nested, str(tmp_path / "nested"))
+    for a, b in zip(leaves(x["server"].params), leaves(y["server"].params)):
+        np.testing.assert_allclose(a, b, rtol=0, atol=2e-6)
+    r = rows(tmp_path / "nested")[0]
+    assert r["accepted"] == ["a", "b", "c"] and r["tokens"] == rows(tmp_path / "flat")[0]["tokens"]
+    assert r["inner_bytes_up"] > 0 and r["inner_bytes_down"] > 0
+
+
+def test_three_level_tree_resumes_to_the_uninterrupted_result(small_corpus, tmp_path):
+    c = tree_config(small_corpus, THREE_LEVELS, local_rounds=2, key_layers=KEYS)
+    whole = simulation.train(c, str(tmp_path / "whole"))
+    cut = tree_config(small_corpus, THREE_LEVELS, local_rounds=2, key_layers=KEYS)
+    assert simulation.train(cut, str(tmp_path / "cut"), stop_after_round=1)["stopped_at_round"] == 1
+    resumed = simulation.train(cut, str(tmp_path / "cut"))
+    for a, b in zip(leaves(whole["server"].params), leaves(resumed["server"].params)):
+        np.testing.assert_array_equal(a, b)
+    assert whole["val"] == resumed["val"]  # personalised: the federations' own key layers, restored too
+    row = rows(tmp_path / "whole")[-1]
+    for node, kids in {
+        "root": ("east", "west"),
+        "west": ("text",),
+        "text": ("code", "prose"),
+        "jl": ("lines",),
+    }.items():
+        weights = [row[f"attention/{node}/{k}"] for k in kids]
+        np.testing.assert_allclose(sum(weights), 1.0, rtol=1e-5)
+    # every silo trained rounds x 2 x 2 rounds of H steps: the tokens of the flat run x 4
+    per_round = 3 * 4 * 32  # H x batch x seq_len
+    assert [r["tokens"] for r in rows(tmp_path / "whole")] == [3 * 4 * per_round] * 3
+    assert whole["val"] != whole["val_global"]  # the federations' key layers differ from the root's
+    series = tree_report.attention_series(str(tmp_path / "whole"))
+    assert set(series) == {"root", "west", "east", "text", "jl"} and len(series["root"]["west"]) == 3
+    assert tree_report.plot(str(tmp_path / "whole"), str(tmp_path / "a.png")) == str(tmp_path / "a.png")
+    assert (tmp_path / "a.png").stat().st_size > 0 and "| text | prose |" in tree_report.table(
+        str(tmp_path / "whole")
+    )
+
+
+def test_key_layers_never_leave_their_federation_without_residuals(small_corpus, tmp_path):
+    """WorldLM with residual=False: a federation's upload to its parent carries exactly zero key-layer
+    delta, and the ledger counts none of those bytes; silos do send theirs to their own federation."""
+    c = tree_config(small_corpus, "t(code,prose),j(lines)", key_layers=KEYS, residual=False)
+    sim = simulation.Simulation(c, simulation.select.ensure_corpus(c.data), progress=False)
+    server, privates = sim.init(0)
+    outs = sim.run_clients(server.params, privates, ["j", "t"], 0)
+    f = sim.fed
+    for name in ("j", "t"):
+        delta = compression.decompress(outs[name].payload, f.abstract_params)
+        keys = worldlm.key_layers(delta, f.key_mask)
+        assert keys and all(float(np.abs(np.asarray(x)).max()) == 0.0 for x in keys.values())
+        backbone = [x for x, m in zip(jax.tree.leaves(delta), jax.tree.leaves(f.key_mask)) if not m]
+        assert any(float(np.abs(np.asarray(x)).max()) > 0 for x in backbone)
+    assert f.key_payload_bytes > 0
+    assert sim.subtree.up_bytes("t") == f.payload_bytes - f.key_payload_bytes
+    assert sim.subtree.up_bytes("code") == f.payload_bytes  # a silo's key layers go to its federation
+    out = simulation.train(c, str(tmp_path / "w"))
+    row = rows(tmp_path / "w")[0]
+    assert row["key_bytes_up/t"] == 0 and row["key_bytes_up/j"] == 0
+    assert row["key_bytes_up/t/code"] == f.key_payload_bytes
+    assert row["bytes_up/t"] == f.payload_bytes - f.key_payload_bytes
+    assert out["communication"]["bytes_up"] == sum(
+        r["bytes_up"] + r.get("inner_bytes_up", 0) for r in rows(tmp_path / "w")
+    )
+
+
+def test_fedper_keeps_each_silos_key_layers_at_home(small_corpus, tmp_path):
+    c = tree_config(small_corpus, key_layers=("lm_head/.*",), key_owner="silo")
+    sim = simulation.Simulation(c, simulation.select.ensure_corpus(c.data), progress=False)
+    server, privates = sim.init(0)
+    outs = sim.run_clients(server.params, privates, ["code", "lines"], 0)
+    f = sim.fed
+    head = worldlm.key_layers(compression.decompress(outs["code"].payload, f.abstract_params), f.key_mask)
+    assert all(float(np.abs(np.asarray(x)).max()) == 0.0 for x in head.values())
+    sim._advance(privates, outs, ["code", "lines"])
+    code, lines = privates["code"].arrays["keys"][0], privates["lines"].arrays["keys"][0]
+    start = sim.subtree.keys_list(server.params)[0]
+    assert not np.array_equal(np.asarray(code), np.asarray(start))  # trained at home
+    assert not np.array_equal(np.asarray(code), np.asarray(lines))  # and its own
+    np.testing.assert_array_equal(np.asarray(privates["prose"].arrays["keys"][0]), np.asarray(start))
+    out = simulation.train(c, str(tmp_path / "w"))
+    assert rows(tmp_path / "w")[0]["key_bytes_up/code"] == 0
+    assert (
+        out["val"]["pooled"]["ppl"] < out["val_global"]["pooled"]["ppl"]
+    )  # the global head was never trained
