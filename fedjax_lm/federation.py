@@ -344,7 +344,7 @@ class Federation:
             )
         self.payload_bytes = compression.payload_nbytes(self.abstract_payload)  # every valid upload's size
         # Partial localisation (tree.key_layers): the key leaves, and what their part of an upload weighs.
-        self.key_mask, self.key_payload_bytes = None, 0
+        self.key_mask, self.key_payload_bytes, self.key_param_bytes = None, 0, 0
         if fed.tree.key_layers:
             self.key_mask = worldlm.key_mask(s.abstract_params, tuple(fed.tree.key_layers))
             self.key_payload_bytes = sum(
@@ -357,6 +357,9 @@ class Federation:
                 )
             )
             mask = tuple(jax.tree.leaves(self.key_mask))
+            self.key_param_bytes = sum(
+                x.size * x.dtype.itemsize for x, m in zip(jax.tree.leaves(s.abstract_params), mask) if m
+            )
             self._final_personal = jax.jit(
                 functools.partial(_final_personal, mask=mask, method=self.method, block_size=self.block_size),
                 donate_argnums=(1,),

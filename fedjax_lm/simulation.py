@@ -287,6 +287,8 @@ class Simulation:
         copy of the next round (compressed download) and the round whose copy each sampled silo holds."""
         f = self.fed
         down = f.downloads.costs(self.held, accepted, r)
+        if self.subtree.keyed:  # the tree's participants do not download key layers they keep
+            down = {n: self.subtree.down_bytes(n) for n in down}
         self.held.update({n: r for n in sampled})
         if self.broadcast is not None:
             _, self.broadcast = f.downloads.next_broadcast(self.broadcast, server.params)

@@ -146,6 +146,15 @@ class Subtree:
         stays = self.personal if name not in self.nodes else not self.residual
         return f.payload_bytes - (f.key_payload_bytes if stays else 0)
 
+    def down_bytes(self, name: str) -> int:
+        """What `name` downloads from its parent: without the key layers it does not use (FedPer's silos
+        keep their own; a sub-federation without residuals keeps its own)."""
+        f = self.fed
+        if not self.keyed:
+            return f.param_bytes
+        skips = self.personal if name not in self.nodes else not self.residual
+        return f.param_bytes - (f.key_param_bytes if skips else 0)
+
     def key_share(self, name: str) -> int:
         """Bytes of key layers in `name`'s upload to its parent (0: its key layers stay)."""
         return (
@@ -156,7 +165,7 @@ class Subtree:
         """One round of sub-federation `name`: its downloads and uploads, for the root round's row."""
         self.log.setdefault("inner", []).append(
             {
-                "down": {f"{name}/{c}": self.fed.param_bytes for c in accepted},
+                "down": {f"{name}/{c}": self.down_bytes(c) for c in accepted},
                 "up": {f"{name}/{c}": self.up_bytes(c) for c in accepted},
                 "rejected": {f"{name}/{c}": why for c, why in rejected.items()},
             }

@@ -172,7 +172,16 @@ def test_fedper_keeps_each_silos_key_layers_at_home(small_corpus, tmp_path):
     assert not np.array_equal(np.asarray(code), np.asarray(lines))  # and its own
     np.testing.assert_array_equal(np.asarray(privates["prose"].arrays["keys"][0]), np.asarray(start))
     out = simulation.train(c, str(tmp_path / "w"))
-    assert rows(tmp_path / "w")[0]["key_bytes_up/code"] == 0
+    row = rows(tmp_path / "w")[0]
+    assert row["key_bytes_up/code"] == 0 and row["bytes_up/code"] == f.payload_bytes - f.key_payload_bytes
+    assert row["bytes_down/code"] == f.param_bytes - f.key_param_bytes > 0
     assert (
         out["val"]["pooled"]["ppl"] < out["val_global"]["pooled"]["ppl"]
     )  # the global head was never trained
+
+
+def test_local_only_is_every_layer_kept_at_home_and_moves_nothing(small_corpus, tmp_path):
+    c = tree_config(small_corpus, key_layers=(".*",), key_owner="silo")
+    out = simulation.train(c, str(tmp_path / "w"))
+    assert out["communication"]["bytes_moved"] == 0
+    assert out["val"]["pooled"]["ppl"] < out["val_global"]["pooled"]["ppl"]  # the global model never trained
