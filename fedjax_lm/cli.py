@@ -118,6 +118,11 @@ VERBS = {
         ("config", "store", "silo", "source", "workdir"),
         "python -m fedjax_lm silo --config experiments/photon.py:size=tiny --store runs/store --source clinic=folder:/data/clinic",
     ),
+    "federation": Verb(
+        "a sub-federation of a tree (federation.tree.spec): the aggregator of its own store, one member of its parent's",
+        ("config", "store", "name", "workdir"),
+        "python -m fedjax_lm federation --config experiments/worldlm.py:method=hierfavg --name slavic --store runs/store --workdir runs/slavic",
+    ),
     "sweep": Verb(
         "run every point of a sweep defined next to its config (resumable), then one table and plots",
         ("config", "sweep", "workdir", "print-only"),
@@ -315,6 +320,13 @@ def _cmd_silo(config) -> None:
             "`silo` needs --silo NAME (or one --source NAME=SPEC) (python -m fedjax_lm silo --help)"
         )
     deploy.SiloWorker(config, _store_root(config), name, workdir=_WORKDIR.value).run()
+
+
+def _cmd_federation(config) -> None:
+    from fedjax_lm.deploy.subfederation import SubFederation
+
+    name = _require(_NAME, "name", "federation")
+    SubFederation(config, _store_root(config), name, _require(_WORKDIR, "workdir", "federation")).run()
 
 
 def _cmd_report(config) -> None:

@@ -248,3 +248,82 @@ def check_config(tree_cfg: Mapping[str, Any]) -> None:
 def from_config(fed: Mapping[str, Any], silos: Sequence[str]) -> Tree:
     t = fed["tree"]
     return parse(str(t["spec"]), silos, int(t["local_rounds"]))
+
+
+# ------------------------------------------------------------------- the tree in a deployment (deploy/)
+
+
+def subtree_spec(tree: Tree, name: str) -> str:
+    """The spec of federation `name`'s own tree (its children and below), `parse`-able."""
+
+    def one(child: str) -> str:
+        if tree.is_silo(child):
+            return child
+        return f"{child}({','.join(one(c) for c in tree.nodes[child].children)})"
+
+    return ",".join(one(c) for c in tree.nodes[name].children)
+
+
+def depth_of(tree: Tree, name: str) -> int:
+    """0 for the root, 1 for its sub-federations, ..."""
+    return len(tree.path(name))
+
+
+def node_config(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+    """The config of sub-federation `name` as a federation of its own (its store, its aggregator, its
+    children): its subtree, rounds x local_rounds^depth rounds of the tree's inner outer optimizer over
+    every child, the same silo schedule (rounds x leaf rounds x H local steps for every silo)."""
+    fed = config.federation
+    tree = from_config(fed, silos_of(config))
+    if name == ROOT:
+        return config
+    if name not in tree.nodes:
+        raise ValueError(f"{name!r} is not a federation of the tree; its federations: {tree.inner()}")
+    c = config.copy_and_resolve_references()
+    c.name = f"{config.name}/{name}"
+    c.train.silos = tuple(tree.silos_under(name))
+    f = c.federation
+    f.tree.spec = subtree_spec(tree, name)
+    f.rounds = int(fed.rounds) * tree.local_rounds ** depth_of(tree, name)
+    f.outer = fed.tree.outer.copy_and_resolve_references()
+    f.silos_per_round = 0  # a sub-federation trains every child in each of its rounds
+    f.eval_every = 0
+    return c
+
+
+def participant_config(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+    """The config of the federation that silo or sub-federation `name` is a participant of."""
+    tree = from_config(config.federation, silos_of(config))
+    if name not in tree.parent:
+        raise ValueError(
+            f"{name!r} is not a silo or sub-federation of the tree {config.federation.tree.spec!r}"
+        )
+    return node_config(config, tree.parent[name])
+
+
+def store_for(store_root: str, config: ml_collections.ConfigDict, federation: str) -> str:
+    """The store of `federation` (its own run, globals and children's updates): the root's is the
+    deployment's store; a sub-federation's is a prefix under it, nodes/<path>/<name>."""
+    tree = from_config(config.federation, silos_of(config))
+    if federation == ROOT:
+        return store_root
+    parts = [p for p in tree.path(federation) if p != ROOT] + [federation]
+    return store_root.rstrip("/") + "/nodes/" + "/".join(parts)
+
+
+def silos_of(config: ml_collections.ConfigDict) -> list[str]:
+    """The tree's silos: those its spec names (the spec is checked against them where it is built)."""
+    spec = str(config.federation.tree.spec)
+    if not spec.strip():
+        return list(config.train.get("silos", None) or [])
+    out: list[str] = []
+
+    def walk(children):
+        for c in children:
+            if isinstance(c, tuple):
+                walk(c[1])
+            else:
+                out.append(c)
+
+    walk(_parse_children(_tokens(spec), 0, spec)[0])
+    return out

@@ -93,9 +93,9 @@ class Aggregator:
         if identity.AGGREGATOR in names:
             raise ValueError(f"no silo may be named {identity.AGGREGATOR!r}: the allow-list reserves it")
         self.trust = load_trust(config, identity.AGGREGATOR)
+        self.fed = fed_lib.Federation(config, names)  # its members: silos, or a tree's sub-federations
         if self.trust.signed:
-            self.trust.allow.require(names)
-        self.fed = fed_lib.Federation(config, names)
+            self.trust.allow.require(self.fed.names)
         self._checked_commits: dict[
             tuple[int, str], tuple[bytes | None, str | None]
         ] = {}  # marker -> problem
@@ -446,7 +446,7 @@ class Aggregator:
             [m["finished_at"] - meta["published_at"] for m in manifests.values() if "finished_at" in m]
         )
         accepted = {
-            s: {"tokens": self.fed.weight(manifests[s]["tokens"]), "loss": manifests[s].get("loss")}
+            s: {"tokens": self.fed.weight(manifests[s]["tokens"], s), "loss": manifests[s].get("loss")}
             for s in names
         }
         return accepted, seconds
@@ -484,7 +484,14 @@ class Aggregator:
             run["run_id"] = secrets.token_hex(16)  # binds secure aggregation's key derivations to this run
             self.run_id = run["run_id"]
             run["allow_list"] = self.trust.allow.to_json() if self.trust.signed else None
-            self.store.write_run({**run, "config": runs.config_dict(self.config), "silos": self.fed.names})
+            self.store.write_run(
+                {
+                    **run,
+                    "config": runs.config_dict(self.config),
+                    "silos": list(self.fed.tree.silos),
+                    "members": self.fed.names,
+                }
+            )
             server = self.fed.init_server(int(self.config.train.seed))
             meta, items = (
                 downloads.publish(self.fed, server.params, None) if self.fed.downloads.on else ({}, None)

@@ -39,11 +39,11 @@ def check_deployable(config: ml_collections.ConfigDict) -> None:
             "federation.aggregate_inner_moments is supported by the one-process simulation only: a "
             "deployment would have to upload every silo's AdamW moments (2x the model); set it to False"
         )
-    if str(fed.tree.spec).strip() or fed.tree.key_layers:
+    if fed.tree.key_layers:
         raise ValueError(
-            "federation.tree (a tree of federations, key layers) runs in the one-process simulation only for "
-            "now (python -m fedjax_lm train); a deployment runs the flat federation: set "
-            "federation.tree.spec='' and federation.tree.key_layers=()"
+            "federation.tree.key_layers (key layers kept per federation or per silo) runs in the one-process "
+            "simulation only for now (python -m fedjax_lm train); a deployment shares every layer: set "
+            "federation.tree.key_layers=()"
         )
 
 
@@ -163,8 +163,10 @@ def check_tree(tree: Any, expected: Any, what: str) -> str:
 
 
 def silo_names(config: ml_collections.ConfigDict) -> list[str]:
-    """The federation's silos: `config.train.silos`, else the silos of the prepared corpus."""
-    listed = list(config.train.get("silos", None) or [])
+    """The federation's silos: those its tree names, else `config.train.silos`, else the prepared corpus's."""
+    from fedjax_lm import tree as tree_lib
+
+    listed = tree_lib.silos_of(config) or list(config.train.get("silos", None) or [])
     if listed:
         return listed
     try:

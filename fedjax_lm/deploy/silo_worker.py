@@ -29,6 +29,7 @@ from fedjax_lm.deploy.common import (
     load_trust,
     log,
 )
+from fedjax_lm import tree as tree_lib
 from fedjax_lm.deploy import cards as card_lib
 from fedjax_lm.deploy.downloads import SiloDownloads, base_sha256
 from fedjax_lm.deploy.secure_protocol import SiloProtocol
@@ -40,6 +41,12 @@ class SiloWorker:
     ):
         config_lib.validate(config)
         check_deployable(config)
+        if str(config.federation.tree.spec).strip():  # a tree: this member's federation and its store
+            parent = tree_lib.from_config(config.federation, tree_lib.silos_of(config)).parent.get(name)
+            if parent is None:
+                raise ValueError(f"{name!r} is not a silo or sub-federation of federation.tree.spec")
+            store_root = tree_lib.store_for(store_root, config, parent)
+            config = tree_lib.participant_config(config, name)
         if config.federation.secagg.enabled and not workdir:
             raise ValueError(
                 f"silo {name!r}: secure aggregation keeps this silo's round keys and noise secret in a private "
@@ -66,9 +73,10 @@ class SiloWorker:
         while self.store.latest_global() is None:
             time.sleep(self.poll)
         run = check_store_run(self.store, self.config, f"silo {self.name}", self.trust)
-        if self.name not in run.get("silos", []):
+        members = run.get("members", run.get("silos", []))
+        if self.name not in members:
             raise ValueError(
-                f"silo {self.name!r} is not a member of this federation; its silos are {run.get('silos')}"
+                f"silo {self.name!r} is not a member of this federation; its members are {members}"
             )
         data_cfg = self._data_with_store_tokenizer(run["tokenizer_sha256"])
         corpus = select.ensure_corpus(data_cfg)
@@ -84,6 +92,16 @@ class SiloWorker:
             else None
         )
         return fed
+
+    def _publish_card(self) -> None:
+        """Only metadata leaves the silo: its Data card, published at joining and whenever it changes."""
+        card_lib.publish(
+            self.store,
+            self.trust,
+            self.name,
+            card_lib.own_card(self.config, self.name, self.corpus_dir),
+            self.run_id,
+        )
 
     def _data_with_store_tokenizer(self, sha256: str):
         """The data config to prepare with: the silo's sources, the federation's tokenizer."""
@@ -228,14 +246,7 @@ class SiloWorker:
         self.fed = self._join()
         uploads = 0
         while True:
-            # only metadata leaves the silo; published at joining and whenever it changes
-            card_lib.publish(
-                self.store,
-                self.trust,
-                self.name,
-                card_lib.own_card(self.config, self.name, self.corpus_dir),
-                self.run_id,
-            )
+            self._publish_card()
             r = self.store.latest_global()
             if r >= self.fed.rounds:
                 log(self.name, f"federation finished at round {r}")

@@ -1,0 +1,104 @@
+"""A three-level tree of federations deployed as real processes (root aggregator, sub-federations, silos)
+over one store tree: it ends where the one-process simulation ends, bit for bit, also after a
+sub-federation is killed between its own rounds' close and its upload."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from fedjax_lm import config as config_lib
+from fedjax_lm import store as store_lib
+from fedjax_lm import tree as tree_lib
+from tests.test_deploy import Procs, assert_equals_simulation, make_config
+
+pytestmark = pytest.mark.multiprocess
+
+SPEC = "west(text(code,prose)),east(jl(lines))"
+SILOS = ("code", "prose", "lines")
+
+
+def tree_config(small_corpus, tmp_path, rounds=2, local_rounds=2):
+    config, _ = make_config(small_corpus, tmp_path, rounds=rounds, deadline_s=120.0)
+    config.federation.tree.spec = SPEC
+    config.federation.tree.local_rounds = local_rounds
+    path = tmp_path / "config.json"
+    path.write_text(config.to_json_best_effort())
+    return config, f"experiments/from_json.py:{path}"
+
+
+def start_tree(p, env=None):
+    p.aggregator()
+    for node in ("west", "east", "text", "jl"):
+        p.start(node, "federation", "--name", node, "--workdir", str(p.tmp / node), env=(env or {}).get(node))
+    for s in SILOS:
+        p.silo(s)
+
+
+def wait_all(p):
+    for name in ("aggregator", "west", "east", "text", "jl", *SILOS):
+        p.wait(name, timeout=600)
+
+
+def root_params(config, store_root, r):
+    from fedjax_lm import federation
+
+    fed = federation.Federation(config, list(SILOS))
+    params, _, meta = store_lib.Store(store_root).read_global(r, fed.abstract_params, fed.abstract_outer_opt)
+    return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(params))], meta
+
+
+def test_node_config_and_stores_place_every_member():
+    c = config_lib.load_config("experiments/photon.py:size=tiny,rounds=2")
+    c.federation.tree.spec = SPEC
+    c.federation.tree.local_rounds = 2
+    west = tree_lib.node_config(c, "west")
+    assert west.federation.tree.spec == "text(code,prose)" and west.federation.rounds == 4
+    assert tuple(west.train.silos) == ("code", "prose")
+    text = tree_lib.participant_config(c, "code")
+    assert text.federation.tree.spec == "code,prose" and text.federation.rounds == 8
+    assert tree_lib.store_for("gs://b/run", c, "text") == "gs://b/run/nodes/west/text"
+    assert tree_lib.store_for("gs://b/run", c, "root") == "gs://b/run"
+    with pytest.raises(ValueError, match="not a federation of the tree"):
+        tree_lib.node_config(c, "code")
+
+
+def test_three_level_tree_deployment_equals_the_simulation(small_corpus, tmp_path, procs):
+    config, spec = tree_config(small_corpus, tmp_path)
+    p = procs["p"] = Procs(tmp_path, spec)
+    start_tree(p)
+    wait_all(p)
+    got, meta = root_params(config, p.store, 2)
+    assert meta["accepted"] == ["east", "west"]
+    text = store_lib.Store(tree_lib.store_for(p.store, config, "text"))
+    assert text.latest_global() == 8  # 2 root rounds x 2 x 2 own rounds, then its final global
+    assert text.read_global_meta(8)["final"] == "the parent federation finished"
+    run = json.loads((tmp_path / "store" / "nodes" / "west" / "text" / "run.json").read_text())
+    assert run["members"] == ["code", "prose"]
+    sim = assert_equals_simulation(config, tmp_path, got)
+    assert sim["tokens"] == 2 * 3 * 4 * 3 * 4 * 32  # rounds x silos x silo rounds per root round x H x B x L
+    rows = [json.loads(line) for line in open(tmp_path / "agg" / "metrics" / "rounds.jsonl")]
+    assert sum(r["tokens"] for r in rows) == sim["tokens"]  # each federation's weight: its silos' tokens
+
+
+def test_subfederation_killed_between_its_close_and_its_upload_resumes_bit_identical(
+    small_corpus, tmp_path, procs
+):
+    config, spec = tree_config(small_corpus, tmp_path, rounds=2, local_rounds=1)
+    p = procs["p"] = Procs(tmp_path, spec)
+    start_tree(p, env={"west": {"FEDJAX_SUBFED_PAUSE_BEFORE_UPLOAD_S": "60"}})
+    store = store_lib.Store(p.store)
+    closed = tmp_path / "west" / "closed"
+    from tests.test_deploy import wait_until
+
+    wait_until(lambda: "pausing" in p.log("west"), timeout=300, what="west to close its round of parent round 0")
+    assert closed.exists()
+    assert not store.is_committed(0, "west")
+    p.kill("west")
+    p.start("west", "federation", "--name", "west", "--workdir", str(tmp_path / "west"))
+    wait_all(p)
+    got, _ = root_params(config, p.store, 2)
+    # the restarted process uploaded from the saved closed state: it did not close that round again
+    assert p.log("west").count("own round 1 (of parent round 0)") == 1
+    assert_equals_simulation(config, tmp_path, got)
