@@ -26,6 +26,49 @@ from fedjax_lm import sharding as sharding_lib
 
 Batch = Mapping[str, jax.Array]  # {'inputs': int32[B, L], 'targets': int32[B, L]}
 
+_ACCELERATOR_PLUGINS = (
+    "libtpu",
+    "jax_cuda12_plugin",
+    "jax_cuda13_plugin",
+    "jax_rocm60_plugin",
+    "jax_rocm7_plugin",
+)
+
+
+def keep_freed_memory_on_cpu() -> bool:
+    """On a CPU-only host with glibc, keep freed memory in the process instead of returning it to the OS.
+
+    XLA:CPU allocates a train step's temporaries (hundreds of MB to GB) afresh on every run; glibc
+    serves them with mmap and unmaps them when freed, so each step first-touches every page again:
+    ~180k minor page faults a step for the tiny preset at 4x1024, ~900k for small (measured in
+    benchmarks/profile_step.py), 10-25% of the step. One arena, no mmap and a 2 GiB trim threshold
+    make the freed temporaries reusable (docs/performance.md). The cost: the process keeps its peak
+    heap (up to 2 GiB above it is returned). Done once, at import, before XLA starts its threads;
+    FEDJAX_LM_MALLOPT=0 turns it off, and it is skipped where an accelerator plugin is installed.
+    """
+    import ctypes
+    import importlib.util
+    import os
+    import sys
+
+    if os.environ.get("FEDJAX_LM_MALLOPT", "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    if any(importlib.util.find_spec(p) is not None for p in _ACCELERATOR_PLUGINS):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
+        return bool(
+            libc.mallopt(M_ARENA_MAX, 1)
+            and libc.mallopt(M_MMAP_MAX, 0)
+            and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
+        )
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to tune
+        return False
+
+
+MALLOC_TUNED = keep_freed_memory_on_cpu()
+
 
 @struct.dataclass
 class TrainState:
