@@ -34,6 +34,7 @@ from experiments import common, presets  # noqa: E402
 from fedjax_lm import compile_report  # noqa: E402
 
 GiB = 1024**3
+_SHORT = {"bfloat16": "bf16", "float32": "f32", "float16": "f16"}
 
 
 def pod_config(preset: str, chips: int):
@@ -69,7 +70,7 @@ def main() -> None:
             mesh = ",".join(str(s.mesh[a]) for a in ("data", "fsdp", "tensor"))
             print(
                 f"{preset:<6} {s.params / 1e9:>6.2f}B {slice_name:<8} {mesh:>11} {s.batch:>4}x{s.seq_len:<4} "
-                f"{c.model.dtype[:4] + '/' + c.model.remat:>17} {peak:>7.1f} GiB {hbm_gib:>4} G "
+                f"{_SHORT[c.model.dtype] + '/' + c.model.remat:>17} {peak:>7.1f} GiB {hbm_gib:>4} G "
                 f"{'yes' if fits else 'NO':>5} {s.compile_s:>9.1f} {s.model_flops_per_step:>10.2e}",
                 flush=True,
             )

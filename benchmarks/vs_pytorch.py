@@ -36,6 +36,7 @@ from experiments import presets  # noqa: E402
 from fedjax_lm import model as model_lib  # noqa: E402
 from fedjax_lm import optim  # noqa: E402
 from fedjax_lm import sharding  # noqa: E402
+from fedjax_lm import silo as silo_lib  # noqa: E402
 from fedjax_lm.silo import Silo  # noqa: E402
 
 torch = transformers = None  # set by main(): the [bench] extra is optional
@@ -206,8 +207,10 @@ def main() -> None:
         f"jax {jax.__version__} ({jax.device_count()} x {jax.devices()[0].platform}), torch {torch.__version__} "
         f"({torch.get_num_threads()} threads), transformers {transformers.__version__}; "
         f"{os.cpu_count()} cores, load avg {os.getloadavg()[0]:.2f} at start; "
-        f"{args.reps} alternations of {args.steps} steps"
+        f"{args.reps} alternations of {args.steps} steps; fedjax_lm.silo.MALLOC_TUNED={silo_lib.MALLOC_TUNED} "
+        "(process-wide: torch runs with it too; FEDJAX_LM_MALLOPT=0 for neither)"
     )
+    t_start = time.perf_counter()
     cols = ["fedjax_lm", "PyTorch eager"] + ([] if args.no_compile else ["torch.compile"])
     head = f"{'shape':<20} {'params':>8} " + " ".join(f"{c + ' tok/s':>14}" for c in cols)
     head += f" {'ours/eager':>12}" + ("" if args.no_compile else f" {'ours/compile':>14}")
@@ -227,22 +230,21 @@ def main() -> None:
         rates = alternate(runners_for(mcfg), "steps", inputs, targets, args.reps, args.steps * batch * seq)
         print(report(f"{preset} {batch}x{seq}", model_lib.param_count(mcfg), rates), flush=True)
 
-    if args.no_round:
-        return
-    print(
-        "\n== federated round: H local steps (Silo.local_train_chunk vs a PyTorch loop) ==\n" + head,
-        flush=True,
-    )
-    for shape in args.round.split(","):
-        preset, bl, h = shape.split(":")
-        batch, seq = (int(v) for v in bl.split("x"))
-        H = int(h)
-        mcfg = model_config(preset, seq)
-        inputs, targets = token_batches(mcfg.vocab_size, H, batch, seq, seed=1)
-        rates = alternate(
-            runners_for(mcfg), "round", inputs, targets, max(2, args.reps // 2), H * batch * seq
+    if not args.no_round:
+        print(
+            "\n== federated round: H local steps (Silo.local_train_chunk vs a PyTorch loop) ==\n" + head,
+            flush=True,
         )
-        print(report(f"{preset} {batch}x{seq} H={H}", model_lib.param_count(mcfg), rates), flush=True)
+        for shape in args.round.split(","):
+            preset, bl, h = shape.split(":")
+            batch, seq = (int(v) for v in bl.split("x"))
+            H = int(h)
+            mcfg = model_config(preset, seq)
+            inputs, targets = token_batches(mcfg.vocab_size, H, batch, seq, seed=1)
+            reps = max(2, args.reps // 2)
+            rates = alternate(runners_for(mcfg), "round", inputs, targets, reps, H * batch * seq)
+            print(report(f"{preset} {batch}x{seq} H={H}", model_lib.param_count(mcfg), rates), flush=True)
+    print(f"\nwall time {time.perf_counter() - t_start:.0f} s; load avg {os.getloadavg()[0]:.2f} at the end")
 
 
 if __name__ == "__main__":

@@ -388,3 +388,15 @@ def test_remat_policies_order_the_compiled_steps_memory():
         _, compiled = s.compile_train_step(8, 256)
         temps[remat] = compiled.memory_analysis().temp_size_in_bytes
     assert temps["full"] < temps["minimal"] < temps["none"], temps
+
+
+def test_large_presets_default_to_a_pod_layout():
+    """bf16 compute over f32 params with remat (benchmarks/pod_presets.py compiles them on pod-shaped meshes)."""
+    for name, per_chip in presets.POD_SEQS_PER_CHIP.items():
+        c = presets.model_preset(name)
+        assert (c.dtype, c.param_dtype) == ("bfloat16", "float32") and c.remat != "none", name
+        for chips, _ in presets.TPU_SLICES.values():
+            layout = presets.pod_layout(name, chips)
+            assert layout["mesh"] == dict(data=1, fsdp=chips, tensor=1)
+            assert layout["batch_size"] == per_chip * chips and layout["seq_len"] == c.max_seq_len
+    assert (presets.model_preset("tiny").dtype, presets.model_preset("small").dtype) == ("float32", "float32")
