@@ -189,83 +189,97 @@ def _query_blocks(L: int, n_blocks: int) -> list[tuple[int, int]]:
     return [(start, start + size) for start in range(0, L, size)]
 
 
-def _block_logits(q_BxTxGxRxK: jax.Array, k_BxSxGxK: jax.Array, start: int) -> jax.Array:
+def _block_logits(q_BxGxRxTxK: jax.Array, k_BxGxSxK: jax.Array, start: int) -> jax.Array:
     """Scaled, causally masked f32 logits of query rows start.. against keys [0, start + T)."""
-    T, K = q_BxTxGxRxK.shape[1], q_BxTxGxRxK.shape[-1]
+    T, K = q_BxGxRxTxK.shape[3], q_BxGxRxTxK.shape[-1]
     end = start + T
     s_BxGxRxTxS = jnp.einsum(
-        "btgrk,bsgk->bgrts", q_BxTxGxRxK, k_BxSxGxK[:, :end], preferred_element_type=jnp.float32
+        "bgrtk,bgsk->bgrts", q_BxGxRxTxK, k_BxGxSxK[:, :, :end], preferred_element_type=jnp.float32
     )
     s_BxGxRxTxS = s_BxGxRxTxS * jnp.float32(1 / math.sqrt(K))
     mask_TxS = (start + jnp.arange(T))[:, None] >= jnp.arange(end)[None, :]
     return jnp.where(mask_TxS, s_BxGxRxTxS, _MASKED_LOGIT)
 
 
+def _heads_major(x_BxLxHxK: jax.Array, G: int) -> jax.Array:
+    """B x L x H x K -> B x G x R x L x K (query head h = g * R + r reads kv head g)."""
+    B, L, H, K = x_BxLxHxK.shape
+    return x_BxLxHxK.reshape(B, L, G, H // G, K).transpose(0, 2, 3, 1, 4)
+
+
+def _length_major(x_BxGxRxLxK: jax.Array) -> jax.Array:
+    B, G, R, L, K = x_BxGxRxLxK.shape
+    return x_BxGxRxLxK.transpose(0, 3, 1, 2, 4).reshape(B, L, G * R, K)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def causal_attention(
-    q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.Array, n_blocks: int = 16
+    q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.Array, n_blocks: int = 8
 ) -> jax.Array:
     """Causal GQA attention, `jax.nn.dot_product_attention(q, k, v, is_causal=True)` computed per query block.
 
     Query block i only attends keys [0, end of block i): the blocks above the diagonal, which
-    the causal mask would zero, are never computed ((n + 1) / 2n of the full square: 53% for
-    16 blocks). The forward pass is the library's arithmetic (f32 logits, scale after the dot,
+    the causal mask would zero, are never computed ((n + 1) / 2n of the full square: 56% for
+    8 blocks). The forward pass is the library's arithmetic (f32 logits, scale after the dot,
     exp(s - max) / sum); the backward pass is flash-attention's: it keeps only q, k, v, the
     output and the per-row log-sum-exp and recomputes the probabilities, instead of autodiff
     saving every block's probabilities (under the layer scan, stacked buffers of
     n_layers x B x H x L x L that were written, zero-filled and copied every step: 40% of a
-    tiny-preset step at L=1024). Same values up to float rounding (tests/test_model.py).
+    tiny-preset step at L=1024). q, k and v are transposed to heads-major once, not per block
+    (each block's einsum would copy its slices). Same values up to float rounding
+    (tests/test_model.py).
     """
     return _attention_fwd(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, n_blocks)[0]
 
 
 def _attention_fwd(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, n_blocks):
-    B, L, H, K = q_BxLxHxK.shape
     G = k_BxLxGxK.shape[2]
-    q_BxLxGxRxK = q_BxLxHxK.reshape(B, L, G, H // G, K)  # query head h reads kv head h // R
+    q_BxGxRxLxK = _heads_major(q_BxLxHxK, G)
+    k_BxGxLxK, v_BxGxLxK = k_BxLxGxK.transpose(0, 2, 1, 3), v_BxLxGxK.transpose(0, 2, 1, 3)
     o_blocks, lse_blocks = [], []
-    for start, end in _query_blocks(L, n_blocks):
-        s_BxGxRxTxS = _block_logits(q_BxLxGxRxK[:, start:end], k_BxLxGxK, start)
+    for start, end in _query_blocks(q_BxLxHxK.shape[1], n_blocks):
+        s_BxGxRxTxS = _block_logits(q_BxGxRxLxK[:, :, :, start:end], k_BxGxLxK, start)
         max_BxGxRxTx1 = s_BxGxRxTxS.max(-1, keepdims=True)
         e_BxGxRxTxS = jnp.exp(s_BxGxRxTxS - max_BxGxRxTx1)
         sum_BxGxRxTx1 = e_BxGxRxTxS.sum(-1, keepdims=True)
         p_BxGxRxTxS = (e_BxGxRxTxS / sum_BxGxRxTx1).astype(v_BxLxGxK.dtype)
-        o_blocks.append(jnp.einsum("bgrts,bsgk->btgrk", p_BxGxRxTxS, v_BxLxGxK[:, :end]))
+        o_blocks.append(jnp.einsum("bgrts,bgsk->bgrtk", p_BxGxRxTxS, v_BxGxLxK[:, :, :end]))
         lse_blocks.append((max_BxGxRxTx1 + jnp.log(sum_BxGxRxTx1))[..., 0])
-    o_BxLxHxK = jnp.concatenate(o_blocks, axis=1).reshape(B, L, H, K)
-    return o_BxLxHxK, (q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, o_BxLxHxK, lse_blocks)
+    o_BxGxRxLxK = jnp.concatenate(o_blocks, axis=3)
+    residuals = (q_BxGxRxLxK, k_BxGxLxK, v_BxGxLxK, o_BxGxRxLxK, lse_blocks)
+    return _length_major(o_BxGxRxLxK), residuals
 
 
 def _attention_bwd(n_blocks, residuals, do_BxLxHxK):
-    q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, o_BxLxHxK, lse_blocks = residuals
-    B, L, H, K = q_BxLxHxK.shape
-    G = k_BxLxGxK.shape[2]
-    grouped = lambda x: x.reshape(B, L, G, H // G, K)
-    q_BxLxGxRxK, do_BxLxGxRxK = grouped(q_BxLxHxK), grouped(do_BxLxHxK)
+    q_BxGxRxLxK, k_BxGxLxK, v_BxGxLxK, o_BxGxRxLxK, lse_blocks = residuals
+    K = q_BxGxRxLxK.shape[-1]
+    do_BxGxRxLxK = _heads_major(do_BxLxHxK, k_BxGxLxK.shape[1])
     # sum_s p * dp = do . o per query row (the softmax backward's row term, without a pass over p).
     d_BxGxRxL = jnp.einsum(
-        "btgrk,btgrk->bgrt", do_BxLxGxRxK.astype(jnp.float32), grouped(o_BxLxHxK).astype(jnp.float32)
+        "bgrtk,bgrtk->bgrt", do_BxGxRxLxK.astype(jnp.float32), o_BxGxRxLxK.astype(jnp.float32)
     )
     dq_blocks = []
-    dk_BxLxGxK = jnp.zeros(k_BxLxGxK.shape, jnp.float32)
-    dv_BxLxGxK = jnp.zeros(v_BxLxGxK.shape, jnp.float32)
+    dk_BxGxLxK = jnp.zeros(k_BxGxLxK.shape, jnp.float32)
+    dv_BxGxLxK = jnp.zeros(v_BxGxLxK.shape, jnp.float32)
     f32 = dict(preferred_element_type=jnp.float32)
-    for (start, end), lse_BxGxRxT in zip(_query_blocks(L, n_blocks), lse_blocks):
-        q_blk, do_blk = q_BxLxGxRxK[:, start:end], do_BxLxGxRxK[:, start:end]
-        p_BxGxRxTxS = jnp.exp(_block_logits(q_blk, k_BxLxGxK, start) - lse_BxGxRxT[..., None])
-        dv_BxLxGxK = dv_BxLxGxK.at[:, :end].add(
-            jnp.einsum("bgrts,btgrk->bsgk", p_BxGxRxTxS.astype(v_BxLxGxK.dtype), do_blk, **f32)
+    for (start, end), lse_BxGxRxT in zip(_query_blocks(q_BxGxRxLxK.shape[3], n_blocks), lse_blocks):
+        q_blk, do_blk = q_BxGxRxLxK[:, :, :, start:end], do_BxGxRxLxK[:, :, :, start:end]
+        p_BxGxRxTxS = jnp.exp(_block_logits(q_blk, k_BxGxLxK, start) - lse_BxGxRxT[..., None])
+        dv_BxGxLxK = dv_BxGxLxK.at[:, :, :end].add(
+            jnp.einsum("bgrts,bgrtk->bgsk", p_BxGxRxTxS.astype(v_BxGxLxK.dtype), do_blk, **f32)
         )
-        dp_BxGxRxTxS = jnp.einsum("btgrk,bsgk->bgrts", do_blk, v_BxLxGxK[:, :end], **f32)
+        dp_BxGxRxTxS = jnp.einsum("bgrtk,bgsk->bgrts", do_blk, v_BxGxLxK[:, :, :end], **f32)
         ds_BxGxRxTxS = p_BxGxRxTxS * (dp_BxGxRxTxS - d_BxGxRxL[..., start:end, None])
-        ds_BxGxRxTxS = (ds_BxGxRxTxS * jnp.float32(1 / math.sqrt(K))).astype(q_BxLxHxK.dtype)
-        dq_blocks.append(jnp.einsum("bgrts,bsgk->btgrk", ds_BxGxRxTxS, k_BxLxGxK[:, :end], **f32))
-        dk_BxLxGxK = dk_BxLxGxK.at[:, :end].add(jnp.einsum("bgrts,btgrk->bsgk", ds_BxGxRxTxS, q_blk, **f32))
-    dq_BxLxHxK = jnp.concatenate(dq_blocks, axis=1).reshape(B, L, H, K)
+        ds_BxGxRxTxS = (ds_BxGxRxTxS * jnp.float32(1 / math.sqrt(K))).astype(q_BxGxRxLxK.dtype)
+        dq_blocks.append(jnp.einsum("bgrts,bgsk->bgrtk", ds_BxGxRxTxS, k_BxGxLxK[:, :, :end], **f32))
+        dk_BxGxLxK = dk_BxGxLxK.at[:, :, :end].add(
+            jnp.einsum("bgrts,bgrtk->bgsk", ds_BxGxRxTxS, q_blk, **f32)
+        )
+    dq_BxLxHxK = _length_major(jnp.concatenate(dq_blocks, axis=3))
     return (
-        dq_BxLxHxK.astype(q_BxLxHxK.dtype),
-        dk_BxLxGxK.astype(k_BxLxGxK.dtype),
-        dv_BxLxGxK.astype(v_BxLxGxK.dtype),
+        dq_BxLxHxK.astype(q_BxGxRxLxK.dtype),
+        dk_BxGxLxK.transpose(0, 2, 1, 3).astype(k_BxGxLxK.dtype),
+        dv_BxGxLxK.transpose(0, 2, 1, 3).astype(v_BxGxLxK.dtype),
     )
 
 
