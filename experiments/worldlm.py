@@ -98,3 +98,9 @@ def sweep_methods(add, base):
     """The evidence table: local-only, FedAvg, FedPer, HierFAVG and WorldLM at the same tokens."""
     for method in METHODS:
         add(method=method)
+
+
+def sweep_tree_methods(add, base):
+    """The two methods that use the tree (HierFAVG, WorldLM), for another grouping of the same silos."""
+    for method in ("hierfavg", "worldlm"):
+        add(method=method)

@@ -181,6 +181,11 @@ def _cmd_prepare(config) -> None:
     data_lib.prepare(config.data)
     corpus = data_lib.Corpus.load(config.data.corpus_dir)
     print(f"corpus ready at {config.data.corpus_dir}: {len(corpus.silos)} silos, vocab {corpus.vocab_size}")
+    if config.get("federation") is not None and str(config.federation.tree.spec).strip():
+        from fedjax_lm import tree as tree_lib
+
+        tree = tree_lib.from_config(config.federation, select.active_silos(config, corpus))
+        print("federations: " + " ".join(tree.inner()))  # read by launch/local_federation.sh
     print(
         "silos: " + " ".join(select.active_silos(config, corpus))
     )  # last line: read by launch/local_federation.sh

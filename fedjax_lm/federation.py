@@ -480,6 +480,63 @@ class Federation:
             )
         return None, stats["norm"]
 
+    # -- the tree's key layers: what each edge carries --------------------------------------------------
+    @property
+    def personal(self) -> bool:
+        """FedPer: each silo keeps its own key layers (tree.key_owner='silo')."""
+        return self.key_mask is not None and self.fed.tree.key_owner == "silo"
+
+    @property
+    def residual(self) -> bool:
+        """WorldLM's residual embeddings: a sub-federation's key-layer residual travels to its parent."""
+        return (
+            self.key_mask is not None
+            and self.fed.tree.key_owner == "federation"
+            and bool(self.fed.tree.residual)
+        )
+
+    @property
+    def key_order(self) -> list[str]:
+        """The key leaves' paths in tree order (a silo's own key layers are kept as a list in it)."""
+        return [] if self.key_mask is None else worldlm.key_names(self.abstract_params, self.key_mask)
+
+    def keys_list(self, params) -> list:
+        layers = worldlm.key_layers(params, self.key_mask)
+        return [layers[n] for n in self.key_order]
+
+    def keeps_keys(self, name: str) -> bool:
+        """Whether participant `name` keeps its key layers: its upload carries none (exact zeros, not
+        counted) and it downloads none."""
+        if self.key_mask is None:
+            return False
+        return self.personal if name not in self.tree.nodes else not self.residual
+
+    def up_bytes(self, name: str) -> int:
+        """What `name`'s upload to its parent weighs (key leaves it keeps are not counted)."""
+        return self.payload_bytes - (self.key_payload_bytes if self.keeps_keys(name) else 0)
+
+    def down_bytes(self, name: str) -> int:
+        """What `name` downloads from its parent (without the key layers it keeps)."""
+        return self.param_bytes - (self.key_param_bytes if self.keeps_keys(name) else 0)
+
+    def key_share(self, name: str) -> int:
+        """Bytes of key layers in `name`'s upload to its parent (0: its key layers stay)."""
+        return 0 if self.key_mask is None or self.keeps_keys(name) else self.key_payload_bytes
+
+    def key_template(self, tree: Any) -> Any:
+        """`tree` (params-shaped, or a payload: a dict per param) pruned to its key leaves, nested like the
+        params: what reads only the key layers of an update from the store."""
+        paths = jax.tree_util.tree_flatten_with_path(self.key_mask)[0]
+        items = jax.tree.structure(self.key_mask).flatten_up_to(tree)
+        out: dict[str, Any] = {}
+        for (path, m), x in zip(paths, items):
+            if m:
+                node = out
+                for k in path[:-1]:
+                    node = node.setdefault(k.key, {})
+                node[path[-1].key] = x
+        return out
+
     def weight(self, claimed_tokens: float, name: str | None = None) -> float:
         """A participant's weight in the mean: its claimed tokens, at most what a round can give it
         (a federation of the tree: what all its silos can give it)."""

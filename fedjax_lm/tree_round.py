@@ -47,9 +47,8 @@ class Subtree:
         self.embeddings: dict[str, list] = {}  # sub-federation -> e_c for its next round (key order)
         self.keyed = fed.key_mask is not None
         self.owner = str(self.cfg.key_owner)
-        self.personal = self.keyed and self.owner == "silo"  # FedPer
-        self.residual = self.keyed and self.owner == "federation" and bool(self.cfg.residual)
-        self.key_order = worldlm.key_names(fed.abstract_params, fed.key_mask) if self.keyed else []
+        self.personal, self.residual = fed.personal, fed.residual
+        self.key_order = fed.key_order
         self.log: dict[str, Any] = {}  # this root round's attention weights and inner traffic
 
     def init(self, params) -> None:
@@ -61,8 +60,7 @@ class Subtree:
 
     # -- key layers ----------------------------------------------------------------------------------
     def keys_list(self, params) -> list:
-        layers = worldlm.key_layers(params, self.fed.key_mask)
-        return [layers[n] for n in self.key_order]
+        return self.fed.keys_list(params)
 
     def keys_of(self, name: str, params, privates: Mapping[str, Any]) -> dict[str, Any]:
         """The key layers `name` (a silo or a federation) trains or is evaluated with."""
@@ -139,27 +137,13 @@ class Subtree:
 
     # -- traffic -------------------------------------------------------------------------------------
     def up_bytes(self, name: str) -> int:
-        """What `name`'s upload to its parent weighs: key leaves that do not travel are not counted."""
-        f = self.fed
-        if not self.keyed:
-            return f.payload_bytes
-        stays = self.personal if name not in self.nodes else not self.residual
-        return f.payload_bytes - (f.key_payload_bytes if stays else 0)
+        return self.fed.up_bytes(name)
 
     def down_bytes(self, name: str) -> int:
-        """What `name` downloads from its parent: without the key layers it does not use (FedPer's silos
-        keep their own; a sub-federation without residuals keeps its own)."""
-        f = self.fed
-        if not self.keyed:
-            return f.param_bytes
-        skips = self.personal if name not in self.nodes else not self.residual
-        return f.param_bytes - (f.key_param_bytes if skips else 0)
+        return self.fed.down_bytes(name)
 
     def key_share(self, name: str) -> int:
-        """Bytes of key layers in `name`'s upload to its parent (0: its key layers stay)."""
-        return (
-            self.fed.key_payload_bytes if self.keyed and self.up_bytes(name) == self.fed.payload_bytes else 0
-        )
+        return self.fed.key_share(name)
 
     def record_inner(self, name: str, accepted, rejected) -> None:
         """One round of sub-federation `name`: its downloads and uploads, for the root round's row."""

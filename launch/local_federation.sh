@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# A cross-silo federation on one machine: 1 aggregator + one process per silo, sharing only a store.
+# A cross-silo federation on one machine: 1 aggregator + one process per silo (and per sub-federation of a
+# tree, federation.tree.spec), sharing only a store.
 #
 #   launch/local_federation.sh experiments/photon.py:size=tiny,silos=4 runs/local [extra flags...]
 #
@@ -22,12 +23,15 @@ export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
 SILOS=$(tail -n 1 "$RUN/logs/prepare.log" | sed -n 's/^silos: //p')
 [ -n "$SILOS" ] || { echo "prepare failed: see $RUN/logs/prepare.log" >&2; exit 1; }
 echo "silos: $SILOS"
+# A tree of federations (federation.tree.spec): one process per sub-federation, between root and silos.
+FEDS=$(sed -n 's/^federations: //p' "$RUN/logs/prepare.log")
+[ -z "$FEDS" ] || echo "sub-federations: $FEDS"
 
 # One key per member (each organisation would run keygen on its own machine and send the .pub).
 KEYS="$RUN/keys"
 key_flags() { :; }
 if [ "${UNSIGNED:-0}" != "1" ]; then
-  for m in aggregator $SILOS; do
+  for m in aggregator $FEDS $SILOS; do
     [ -f "$KEYS/$m.key" ] || "$PY" -m fedjax_lm keygen --name "$m" --out "$KEYS" --allow_list "$KEYS/federation.json" \
       >>"$RUN/logs/keygen.log"
   done
@@ -42,13 +46,18 @@ trap cleanup INT TERM
 "$PY" -m fedjax_lm aggregate --config "$CONFIG" --store "$RUN/store" --workdir "$RUN/aggregator" $(key_flags aggregator) "$@" \
   >"$RUN/logs/aggregator.log" 2>&1 &
 agg=$!
+for f in $FEDS; do
+  # shellcheck disable=SC2046
+  "$PY" -m fedjax_lm federation --config "$CONFIG" --store "$RUN/store" --name "$f" --workdir "$RUN/federation-$f" $(key_flags "$f") "$@" >"$RUN/logs/$f.log" 2>&1 &
+  pids+=($!)
+done
 for s in $SILOS; do
   # shellcheck disable=SC2046
   "$PY" -m fedjax_lm silo --config "$CONFIG" --store "$RUN/store" --silo "$s" --workdir "$RUN/silo-$s" $(key_flags "$s") "$@" >"$RUN/logs/$s.log" 2>&1 &
   pids+=($!)
 done
 pids+=($agg)
-echo "aggregator pid $agg, silo pids ${pids[*]:0:${#pids[@]}-1}; logs in $RUN/logs"
+echo "aggregator pid $agg, other pids ${pids[*]:0:${#pids[@]}-1}; logs in $RUN/logs"
 status=0
 wait "$agg" || status=$?
 for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done

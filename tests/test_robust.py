@@ -214,7 +214,7 @@ def test_the_aggregator_drops_a_swapped_update_and_steps_on_the_median(small_cor
     config.federation.update(dict(compression="none", aggregation="median"))
     agg = deploy.Aggregator(config, str(tmp_path / "store"), str(tmp_path / "agg"))
     try:
-        agg._start_or_resume()
+        agg.start_or_resume()
         server, meta = deploy.read_server(agg.fed, agg.store, 0, agg.trust)
         theta = jax.device_get(server.params)
         cap, base = agg.fed.token_cap, meta["params_sha256"]  # an update is bound to its global

@@ -92,7 +92,9 @@ def test_subfederation_killed_between_its_close_and_its_upload_resumes_bit_ident
     closed = tmp_path / "west" / "closed"
     from tests.test_deploy import wait_until
 
-    wait_until(lambda: "pausing" in p.log("west"), timeout=300, what="west to close its round of parent round 0")
+    wait_until(
+        lambda: "pausing" in p.log("west"), timeout=300, what="west to close its round of parent round 0"
+    )
     assert closed.exists()
     assert not store.is_committed(0, "west")
     p.kill("west")
@@ -101,4 +103,68 @@ def test_subfederation_killed_between_its_close_and_its_upload_resumes_bit_ident
     got, _ = root_params(config, p.store, 2)
     # the restarted process uploaded from the saved closed state: it did not close that round again
     assert p.log("west").count("own round 1 (of parent round 0)") == 1
+    assert_equals_simulation(config, tmp_path, got)
+
+
+KEYS = ("lm_head/.*", "final_norm/.*")
+
+
+def test_key_layers_never_leave_their_federation_in_the_store(small_corpus, tmp_path, procs):
+    """WorldLM without residuals, deployed: the sub-federations' uploads in the root's store carry exact
+    zeros in the key layers (the root would reject anything else), their silos' uploads carry theirs,
+    and the run ends where the simulation does, bit for bit (the federations' own key layers included)."""
+    config, spec = tree_config(small_corpus, tmp_path, rounds=2, local_rounds=1)
+    config.federation.tree.spec = "t(code,prose),j(lines)"
+    config.federation.tree.update(dict(key_layers=KEYS, residual=False))
+    (tmp_path / "config.json").write_text(config.to_json_best_effort())
+    p = procs["p"] = Procs(tmp_path, spec)
+    p.aggregator()
+    for node in ("t", "j"):
+        p.start(node, "federation", "--name", node, "--workdir", str(tmp_path / node))
+    for s in SILOS:
+        p.silo(s)
+    for name in ("aggregator", "t", "j", *SILOS):
+        p.wait(name, timeout=600)
+    from fedjax_lm import federation
+
+    fed = federation.Federation(config, list(SILOS))
+    root = store_lib.Store(p.store)
+    t_store = store_lib.Store(tree_lib.store_for(p.store, config, "t"))
+    keys_of = fed.key_template(fed.abstract_payload)
+    for r in range(2):
+        for node in ("t", "j"):
+            up = root.read_update(r, node, keys_of)
+            assert all(not np.any(x["q"]) for x in jax.tree.leaves(up, is_leaf=lambda x: "q" in x))
+        code = t_store.read_update(r, "code", keys_of)
+        assert any(np.any(x["q"]) for x in jax.tree.leaves(code, is_leaf=lambda x: "q" in x))
+    rows = [json.loads(line) for line in open(tmp_path / "agg" / "metrics" / "rounds.jsonl")]
+    assert (
+        rows[0]["key_bytes_up/t"] == 0 and rows[0]["bytes_up/t"] == fed.payload_bytes - fed.key_payload_bytes
+    )
+    got, _ = root_params(config, p.store, 2)
+    sim = assert_equals_simulation(config, tmp_path, got)
+    assert sim["val"] != sim["val_global"]  # the federations' key layers are their own
+
+
+def test_fedper_deployment_keeps_each_silos_head_and_equals_the_simulation(small_corpus, tmp_path, procs):
+    config, spec = make_config(small_corpus, tmp_path, rounds=2, deadline_s=120.0)
+    config.federation.tree.update(dict(key_layers=("lm_head/.*",), key_owner="silo"))
+    (tmp_path / "config.json").write_text(config.to_json_best_effort())
+    p = procs["p"] = Procs(tmp_path, spec)
+    p.aggregator()
+    for s in SILOS:
+        p.silo(s)
+    for name in ("aggregator", *SILOS):
+        p.wait(name, timeout=600)
+    from fedjax_lm import federation
+
+    fed = federation.Federation(config, list(SILOS))
+    store = store_lib.Store(p.store)
+    head = fed.key_template(fed.abstract_payload)
+    assert all(
+        not np.any(x["q"])
+        for s in SILOS
+        for x in jax.tree.leaves(store.read_update(1, s, head), is_leaf=lambda x: "q" in x)
+    )
+    got, _ = root_params(config, p.store, 2)
     assert_equals_simulation(config, tmp_path, got)

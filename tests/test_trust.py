@@ -28,7 +28,7 @@ def round0(small_corpus, tmp_path):
     config, _ = make_config(small_corpus, tmp_path, rounds=1)
     config.federation.compression = "none"  # exact arithmetic for the expected means
     agg = deploy.Aggregator(config, str(tmp_path / "store"), str(tmp_path / "agg"))
-    agg._start_or_resume()  # run.json, tokenizer, global/0
+    agg.start_or_resume()  # run.json, tokenizer, global/0
     server, meta = deploy.read_server(agg.fed, agg.store, 0, agg.trust)
     theta = jax.device_get(server.params)
     yield agg, server, meta, theta
@@ -154,12 +154,12 @@ def test_the_lock_is_heart_beaten_and_a_taken_over_aggregator_publishes_nothing(
         json.dump({**record, "nonce": "someone-else", "pid": 1}, f)
     time.sleep(0.4)
     with pytest.raises(LockLost, match="taken over"):
-        agg._publish(1, server, {}, lock=lock)
+        agg.publish(1, server, {}, lock=lock)
     assert agg.store.latest_global() == 0  # nothing published by the aggregator that lost its lock
     lock.release()
     # create-exclusive: a global that exists already is never rewritten, and says so
     with pytest.raises(LockLost, match="global/0 was published by another process"):
-        agg._publish(0, server, {})
+        agg.publish(0, server, {})
 
 
 # ----------------------------------------------------------------------------- signed federation
@@ -172,7 +172,7 @@ def signed0(small_corpus, tmp_path):
     config.federation.compression = "none"
     config.federation.deploy.key = str(tmp_path / "keys" / "aggregator.key")
     agg = deploy.Aggregator(config, str(tmp_path / "store"), str(tmp_path / "agg"))
-    agg._start_or_resume()
+    agg.start_or_resume()
     server, meta = deploy.read_server(agg.fed, agg.store, 0, agg.trust)
     signers = {s: identity.Signer.load(str(tmp_path / "keys" / f"{s}.key"), s) for s in SILOS}
     yield agg, server, meta, jax.device_get(server.params), signers
@@ -256,7 +256,7 @@ def test_a_global_that_is_not_the_aggregators_is_refused(signed0):
     with pytest.raises(deploy.GlobalRejected, match="not the aggregator's"):
         deploy.global_meta(agg.store, 1, trust)
     with pytest.raises(deploy.GlobalRejected, match="cannot publish global/1"):
-        agg._publish(1, server, {})
+        agg.publish(1, server, {})
 
 
 def test_a_process_with_another_allow_list_or_key_is_refused(signed0, tmp_path):
@@ -336,7 +336,7 @@ def test_a_sign_flipped_or_noise_update_is_contained_by_the_robust_rules(
     config.federation.compression = "none"
     config.federation.aggregation = rule
     agg = deploy.Aggregator(config, str(tmp_path / "store"), str(tmp_path / "agg"))
-    agg._start_or_resume()
+    agg.start_or_resume()
     server, meta = deploy.read_server(agg.fed, agg.store, 0, agg.trust)
     theta = jax.device_get(server.params)
     _commit(agg, "code", theta, 0.01)

@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 from fedjax_lm import config as config_lib
@@ -26,6 +27,7 @@ from fedjax_lm import runs
 from fedjax_lm import secagg
 from fedjax_lm import secure
 from fedjax_lm import store as store_lib
+from fedjax_lm import worldlm
 from fedjax_lm.data import select
 from fedjax_lm.deploy.common import (
     GlobalRejected,
@@ -82,8 +84,15 @@ class Deadlines:
 
 class Aggregator:
     def __init__(
-        self, config: ml_collections.ConfigDict, store_root: str, workdir: str, *, allow_config_change=False
+        self,
+        config: ml_collections.ConfigDict,
+        store_root: str,
+        workdir: str,
+        *,
+        allow_config_change=False,
+        node: str = "root",
     ):
+        self.node = node  # its name in a tree of federations (the attention weights it logs)
         config_lib.validate(config)
         check_deployable(config)
         self.config, self.workdir, self.allow = config, workdir, allow_config_change
@@ -104,10 +113,10 @@ class Aggregator:
         self.gate = gate_lib.Gate(
             config.federation.compliance, workdir, self.fed.names, log=lambda m: log("aggregator", m)
         )
-        self._lock = None  # held while run() runs
+        self.lock = None  # held while run() runs
         self.ledger = monitor.CommLedger()
 
-    def _publish(
+    def publish(
         self, r: int, server: outer.OuterState, extra: Mapping[str, Any], lock=None, items=None
     ) -> None:
         """Publishes global/r (with the checkpoint `items` besides params and opt_state) create-exclusive,
@@ -289,6 +298,10 @@ class Aggregator:
                 "aggregator", f"round {r}: validated {sorted(manifests)}; pausing {pause}s before aggregating"
             )
             time.sleep(pause)
+        for silo, reason in self._key_leaks(r, manifests).items():
+            manifests.pop(silo)
+            rejected[silo] = str(store_lib.UpdateRejected(silo, r, reason))
+            log("aggregator", f"REJECTED {rejected[silo]}")
         outliers = self.fed.outlier_norms({s: m["validation"]["norm"] for s, m in manifests.items()})
         for silo, reason in outliers.items():
             manifests.pop(silo)
@@ -297,7 +310,9 @@ class Aggregator:
         clip = dp_round.clip_of(
             meta, self.fed.dp_round.initial_clip
         )  # adaptive clipping: published with global/r
+        sent = server.params
         server, diag, clipped = self._aggregate(r, server, manifests, rejected, clip)
+        server, attention = self._key_step(r, sent, server, manifests)
         accepted, seconds = self._accepted(manifests, list(manifests), meta)
         row = self.fed.round_row(
             r,
@@ -309,6 +324,13 @@ class Aggregator:
             silo_seconds=seconds,
             update_norms={s: m["validation"]["norm"] for s, m in manifests.items()},  # as validated
             down_bytes=self._down_bytes(manifests, accepted, r),
+            up_bytes={s: self.fed.up_bytes(s) for s in accepted},
+            **attention,
+            **(
+                {f"key_bytes_up/{s}": self.fed.key_share(s) for s in accepted}
+                if self.fed.key_mask is not None
+                else {}
+            ),
             **({"excluded": sorted(self.gate.excluded)} if self.gate.on else {}),
             **_reported_lifecycle(validated),
             **self.fed.privacy_fields(r + 1, clipped, clip),
@@ -317,6 +339,46 @@ class Aggregator:
             norms = {s: m["validation"]["norm"] for s, m in manifests.items()}
             row["dp_next_clip_norm"] = self.fed.dp_round.next_clip(clip, norms, r, self._noise_secret())
         return server, row
+
+    def _key_deltas(self, r: int, silo: str, manifest: Mapping[str, Any]) -> dict[str, Any]:
+        """The decoded key leaves of a validated update, re-hashed while read (`tree.key_layers`)."""
+        like = self.fed.key_template(self.fed.silo.abstract_params)
+        one = store_lib.aggregate.stream_aggregate(
+            self.store, r, {silo: 1.0}, like, manifests={silo: manifest}, verify_sha256=True
+        )
+        return dict(zip(worldlm.leaf_paths(one), jax.tree.leaves(one)))
+
+    def _key_leaks(self, r: int, manifests: Mapping[str, Any]) -> dict[str, str]:
+        """Sub-federations whose upload carries anything in the key layers they must keep (exact zeros
+        expected: `Federation.keeps_keys`); FedPer's silos alike."""
+        f, out = self.fed, {}
+        for s in sorted(manifests):
+            if f.keeps_keys(s):
+                leaked = [n for n, x in self._key_deltas(r, s, manifests[s]).items() if bool(jnp.any(x != 0))]
+                if leaked:
+                    out[s] = f"carries key layers it must keep ({', '.join(leaked)}): they never leave it"
+        return out
+
+    def _key_step(self, r: int, sent_params, server: outer.OuterState, manifests: Mapping[str, Any]):
+        """(the state with this federation's key layers after its round, the attention weights) — the
+        simulation's `Subtree.key_step` over the store: k_c = k_sent − Δ_c^K of each accepted silo."""
+        f = self.fed
+        if f.key_mask is None or f.personal or not manifests:
+            return server, {}
+        senders = [s for s in sorted(manifests) if s not in f.tree.nodes or f.residual]
+        if not senders:
+            return server, {}
+        new, _, a = worldlm.aggregate_keys(
+            worldlm.key_layers(sent_params, f.key_mask),
+            [self._key_deltas(r, s, manifests[s]) for s in senders],
+            [f.weight(manifests[s]["tokens"], s) for s in senders],
+            attention=bool(f.fed.tree.attention),
+            temperature=float(f.fed.tree.temperature),
+            step=float(f.fed.tree.step),
+        )
+        weights = {f"attention/{self.node}/{c}": w for c, w in worldlm.mean_weights(a, senders).items()}
+        params = worldlm.with_key_layers(server.params, new)
+        return outer.OuterState(params, server.opt_state, server.round), weights
 
     def _aggregate(self, r: int, server: outer.OuterState, manifests: dict, rejected: dict, clip: float):
         """The outer step on the streamed aggregate of the accepted updates (weights decided here;
@@ -454,8 +516,8 @@ class Aggregator:
     def _down_bytes(self, manifests: Mapping[str, Any], accepted, r: int) -> dict[str, int] | None:
         """What each accepted silo downloaded (compressed download: priced from the copy it says it held)."""
         d = self.fed.downloads
-        if not d.on:
-            return None
+        if not d.on:  # the full model, without the key layers a participant keeps
+            return {s: self.fed.down_bytes(s) for s in accepted} if self.fed.key_mask is not None else None
         prices = {}
         for s in accepted:  # a silo that read the full copy says nothing: priced as the full copy
             q = downloads.held_round(manifests[s], r)
@@ -473,14 +535,14 @@ class Aggregator:
         """Central DP: the aggregator's own noise secret, in its workdir (never in the store)."""
         return runs.noise_secret(self.workdir) if self.fed.dp_on else None
 
-    def _start_or_resume(self) -> int:
+    def start_or_resume(self) -> int:
         run = {
             "shared_config": shared_config(self.config),
             "fingerprint": runs.fingerprint(shared_config(self.config)),
         }
         r = self.store.latest_global()
         if r is None:
-            run["tokenizer_sha256"] = self.store.put_tokenizer(self._tokenizer_bytes())
+            run["tokenizer_sha256"] = self.store.put_tokenizer(self.tokenizer_bytes())
             run["run_id"] = secrets.token_hex(16)  # binds secure aggregation's key derivations to this run
             self.run_id = run["run_id"]
             run["allow_list"] = self.trust.allow.to_json() if self.trust.signed else None
@@ -496,7 +558,7 @@ class Aggregator:
             meta, items = (
                 downloads.publish(self.fed, server.params, None) if self.fed.downloads.on else ({}, None)
             )
-            self._publish(0, server, meta, lock=self._lock, items=items)
+            self.publish(0, server, meta, lock=self.lock, items=items)
             return 0
         stored = check_store_run(self.store, self.config, "aggregator", self.trust)
         self.run_id = str(stored.get("run_id") or stored["fingerprint"])
@@ -522,8 +584,8 @@ class Aggregator:
         lease = min(300.0, max(30.0, float(self.deploy.deadline_s) / 10))
         with self.store.acquire_aggregator_lock(owner, lease_s=lease) as lock:
             lock.start_heartbeat()
-            self._lock = lock
-            r = self._start_or_resume()
+            self.lock = lock
+            r = self.start_or_resume()
             writer = monitor.MetricWriter(self.workdir)
             writer.truncate("rounds", keep_below=r)  # a crash between the row and the publish
             last = self.fed.dp_round.rounds_allowed()  # federation.rounds, or fewer under a DP budget
@@ -567,9 +629,7 @@ class Aggregator:
                     payload, copy = self.fed.downloads.next_broadcast(copy, server.params)
                     published, items = downloads.publish(self.fed, copy, payload)
                     extra.update(published)
-                self._publish(
-                    r + 1, server, {**extra, "comm": self.ledger.rounds[-1]}, lock=lock, items=items
-                )
+                self.publish(r + 1, server, {**extra, "comm": self.ledger.rounds[-1]}, lock=lock, items=items)
                 r += 1
             summary = self._summary(
                 read_server(self.fed, self.store, last, self.trust)[0], time.time() - t0, last
@@ -577,7 +637,7 @@ class Aggregator:
             writer.close()
         return summary
 
-    def _tokenizer_bytes(self) -> bytes:
+    def tokenizer_bytes(self) -> bytes:
         """The tokenizer the federation shares: data.tokenizer, else the one of a corpus prepared here."""
         path = str(self.config.data.get("tokenizer", "") or "") or os.path.join(
             self.config.data.corpus_dir, "tokenizer.model"

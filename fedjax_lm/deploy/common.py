@@ -39,11 +39,11 @@ def check_deployable(config: ml_collections.ConfigDict) -> None:
             "federation.aggregate_inner_moments is supported by the one-process simulation only: a "
             "deployment would have to upload every silo's AdamW moments (2x the model); set it to False"
         )
-    if fed.tree.key_layers:
+    if fed.tree.key_layers and fed.tree.key_owner == "federation" and fed.tree.residual:
         raise ValueError(
-            "federation.tree.key_layers (key layers kept per federation or per silo) runs in the one-process "
-            "simulation only for now (python -m fedjax_lm train); a deployment shares every layer: set "
-            "federation.tree.key_layers=()"
+            "federation.tree.residual (WorldLM's residual embeddings) runs in the one-process simulation only "
+            "for now: a deployment has no per-child channel downward for them yet; set "
+            "federation.tree.residual=False (key layers still stay in their federation)"
         )
 
 

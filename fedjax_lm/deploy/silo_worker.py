@@ -30,6 +30,7 @@ from fedjax_lm.deploy.common import (
     log,
 )
 from fedjax_lm import tree as tree_lib
+from fedjax_lm import worldlm
 from fedjax_lm.deploy import cards as card_lib
 from fedjax_lm.deploy.downloads import SiloDownloads, base_sha256
 from fedjax_lm.deploy.secure_protocol import SiloProtocol
@@ -132,6 +133,8 @@ class SiloWorker:
         abstract = self.fed.abstract_private()
         if self.downloads is not None:
             abstract["broadcast"] = self.fed.abstract_params
+        if self.fed.personal:  # FedPer: its own key layers
+            abstract["keys"] = self.fed.keys_list(self.fed.abstract_params)
         return abstract
 
     def _load_private(self, r: int) -> tuple[dict[str, Any], int]:
@@ -143,16 +146,23 @@ class SiloWorker:
                 if self.downloads is not None and self.fed.downloads.from_seed
                 else self.store.read_global_params(r, self.fed.abstract_params)
             )
-            return {**self.fed.fresh_private(like), "broadcast": None}, -1
+            private = {**self.fed.fresh_private(like), "broadcast": None}
+            if self.fed.personal:  # the key layers of the global model every silo starts from (round 0)
+                private["keys"] = self.fed.keys_list(
+                    self.fed.silo.init_params(jax.random.key(int(self.config.train.seed)))
+                )
+            return private, -1
         arrays, meta = self.store.restore_silo_state(self.name, last, self._abstract_private())
         self.iterator.set_state(meta["data_iterator"])
-        private = {k: arrays.get(k) for k in ("opt_state", "error", "broadcast")}
+        private = {k: arrays.get(k) for k in ("opt_state", "error", "broadcast", "keys")}
         return private, int(meta["round"])
 
     def _next_private(self, out, params) -> dict[str, Any]:
         private = self.fed.next_private({}, out)
         if self.downloads is not None:
             private["broadcast"] = params
+        if self.fed.personal:
+            private["keys"] = out.keys
         return private
 
     def _save_private(self, r: int, private: Mapping[str, Any]) -> None:
@@ -191,8 +201,13 @@ class SiloWorker:
             if progress
             else None
         )
+        train_from = params
+        if self.fed.personal:  # FedPer: the backbone it received with its own key layers
+            train_from = worldlm.with_key_layers(params, dict(zip(self.fed.key_order, private["keys"])))
         with self.meter.measure() as self.energy_used:
-            out = jax.block_until_ready(self.fed.train_silo(params, private, batches, r, report))
+            out = jax.block_until_ready(
+                self.fed.train_silo(train_from, private, batches, r, report, personal=self.fed.personal)
+            )
         return out, time.perf_counter() - t, params, start, base_sha256(meta)
 
     def catch_up(self, r: int) -> tuple[dict[str, Any], int]:

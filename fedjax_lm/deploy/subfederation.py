@@ -40,6 +40,7 @@ from fedjax_lm import checkpoint as ckpt_lib
 from fedjax_lm import monitor
 from fedjax_lm import outer
 from fedjax_lm import tree as tree_lib
+from fedjax_lm import worldlm
 from fedjax_lm.client import ClientOutput
 from fedjax_lm.deploy.aggregator import Aggregator
 from fedjax_lm.deploy.common import check_store_run, log, read_server
@@ -65,7 +66,7 @@ class SubFederation(SiloWorker):
         own_root = tree_lib.store_for(store_root, config, name)
         super().__init__(config, store_root, name, workdir)  # its parent's federation and store
         self.agg = Aggregator(
-            tree_lib.node_config(config, name), own_root, os.path.join(workdir, "aggregator")
+            tree_lib.node_config(config, name), own_root, os.path.join(workdir, "aggregator"), node=name
         )
         self.closed = ckpt_lib.Checkpointer(os.path.join(workdir, "closed"), keep=3)
 
@@ -84,7 +85,7 @@ class SubFederation(SiloWorker):
         self.run_id = str(run.get("run_id") or run["fingerprint"])
         self.downloads = None  # refused with a tree (federation.check_config)
         sha = run["tokenizer_sha256"]
-        self.agg._tokenizer_bytes = lambda: self.store.get_tokenizer(sha)  # its children use the tree's
+        self.agg.tokenizer_bytes = lambda: self.store.get_tokenizer(sha)  # its children use the tree's
         return fed_lib.Federation(self.config, run["silos"])
 
     def _publish_card(self) -> None:  # a federation holds no data: its silos publish their own cards
@@ -116,7 +117,10 @@ class SubFederation(SiloWorker):
         state, tokens, loss = self._closed_state(r)
         if state is None:
             state, tokens, loss = self._own_rounds(r, anchor)
-        payload, error = self.fed.final(anchor, jax.tree.map(jnp.copy, state.params), private.get("error"))
+        up_anchor = anchor  # without residuals its key layers never leave: their delta is exactly zero
+        if self.fed.keeps_keys(self.name):
+            up_anchor = worldlm.with_key_layers(anchor, worldlm.key_layers(state.params, self.fed.key_mask))
+        payload, error = self.fed.final(up_anchor, jax.tree.map(jnp.copy, state.params), private.get("error"))
         out = ClientOutput(
             payload=payload,
             error=error,
@@ -137,22 +141,27 @@ class SubFederation(SiloWorker):
         state = outer.OuterState(items["params"], items["opt_state"], jnp.asarray(meta["round"], jnp.int32))
         return state, float(meta["tokens"]), float(meta["loss"])
 
-    def _last_outer_state(self, r: int):
-        """The outer-optimizer state its previous participation closed with (fresh before the first)."""
+    def _last_closed(self, r: int) -> dict[str, Any] | None:
+        """The params and outer-optimizer state its previous participation closed with (None before)."""
         steps = [s for s in self.closed.manager.all_steps() if s <= r]
         if not steps:
             return None
-        return self.closed.restore(max(steps), self._abstract_closed())[0]["opt_state"]
+        return self.closed.restore(max(steps), self._abstract_closed())[0]
 
     def _own_rounds(self, r: int, anchor) -> tuple[outer.OuterState, float, float]:
         agg, first, end = self.agg, r * self.L, (r + 1) * self.L
         latest = agg.store.latest_global()
         if latest is None or latest < first:  # the start of its part of parent round r
-            opt_state = self._last_outer_state(r)
-            if opt_state is None:
-                opt_state = agg.fed.algo.init(anchor).opt_state
-            start = outer.OuterState(anchor, opt_state, jnp.asarray(first, jnp.int32))
-            agg._publish(first, start, {"parent_round": r}, lock=agg._lock)
+            last = self._last_closed(r)
+            params, opt_state = anchor, agg.fed.algo.init(anchor).opt_state
+            if last is not None:
+                opt_state = last["opt_state"]
+                if agg.fed.key_mask is not None and not agg.fed.personal:  # its own key layers stay its own
+                    params = worldlm.with_key_layers(
+                        anchor, worldlm.key_layers(last["params"], agg.fed.key_mask)
+                    )
+            start = outer.OuterState(params, opt_state, jnp.asarray(first, jnp.int32))
+            agg.publish(first, start, {"parent_round": r}, lock=agg.lock)
             latest = first
         writer = monitor.MetricWriter(agg.workdir)
         writer.truncate("rounds", keep_below=latest)  # rows of a round a crash left unpublished
@@ -163,7 +172,7 @@ class SubFederation(SiloWorker):
             log(self.name, f"own round {j + 1} (of parent round {r}): accepted {row['accepted']}")
             if j + 1 < end:
                 extra = {"closed": j, "accepted": row["accepted"], "rejected": row["rejected"]}
-                agg._publish(j + 1, server, {**extra, "comm": agg.ledger.rounds[-1]}, lock=agg._lock)
+                agg.publish(j + 1, server, {**extra, "comm": agg.ledger.rounds[-1]}, lock=agg.lock)
         writer.close()
         rows = monitor.rows_by_round(agg.workdir)
         mine = [rows[j] for j in range(first, end) if j in rows]
@@ -197,7 +206,7 @@ class SubFederation(SiloWorker):
             return
         items, _ = self.closed.restore(max(steps), self._abstract_closed())
         server = outer.OuterState(items["params"], items["opt_state"], jnp.asarray(final, jnp.int32))
-        agg._publish(final, server, {"final": "the parent federation finished"}, lock=agg._lock)
+        agg.publish(final, server, {"final": "the parent federation finished"}, lock=agg.lock)
 
     def run(self, max_rounds: int | None = None) -> int:
         agg = self.agg
@@ -205,9 +214,9 @@ class SubFederation(SiloWorker):
         lease = min(300.0, max(30.0, float(agg.deploy.deadline_s) / 10))
         with agg.store.acquire_aggregator_lock(owner, lease_s=lease) as lock:
             lock.start_heartbeat()
-            agg._lock = lock
+            agg.lock = lock
             self.fed = self._join()  # the parent's run first: its tokenizer goes into this one's run.json
-            agg._start_or_resume()
+            agg.start_or_resume()
             uploads = super().run(max_rounds)
             self._finish()
         return uploads
