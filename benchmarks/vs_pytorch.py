@@ -193,6 +193,11 @@ def main() -> None:
     p.add_argument("--no-round", action="store_true")
     args = p.parse_args()
     global torch, transformers  # optional: imported only to run (so --help works without them)
+    # On a shared machine torch's OpenMP threads spin-wait (OMP_WAIT_POLICY=ACTIVE behaviour) and
+    # collapse when another process holds a core: tiny 8x256 eager measured 577 tok/s with the
+    # default and 6,228 with PASSIVE under the same load. PASSIVE is the fair setting there; set
+    # OMP_WAIT_POLICY yourself (read when torch loads) to compare on an idle machine.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         import torch
         import transformers
@@ -205,7 +210,7 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     print(
         f"jax {jax.__version__} ({jax.device_count()} x {jax.devices()[0].platform}), torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), transformers {transformers.__version__}; "
+        f"({torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}), transformers {transformers.__version__}; "
         f"{os.cpu_count()} cores, load avg {os.getloadavg()[0]:.2f} at start; "
         f"{args.reps} alternations of {args.steps} steps; fedjax_lm.silo.MALLOC_TUNED={silo_lib.MALLOC_TUNED} "
         "(process-wide: torch runs with it too; FEDJAX_LM_MALLOPT=0 for neither)"
