@@ -65,19 +65,19 @@ def test_node_config_and_stores_place_every_member():
 
 
 def test_three_level_tree_deployment_equals_the_simulation(small_corpus, tmp_path, procs):
-    config, spec = tree_config(small_corpus, tmp_path)
+    config, spec = tree_config(small_corpus, tmp_path, rounds=1)
     p = procs["p"] = Procs(tmp_path, spec)
     start_tree(p)
     wait_all(p)
-    got, meta = root_params(config, p.store, 2)
+    got, meta = root_params(config, p.store, 1)
     assert meta["accepted"] == ["east", "west"]
     text = store_lib.Store(tree_lib.store_for(p.store, config, "text"))
-    assert text.latest_global() == 8  # 2 root rounds x 2 x 2 own rounds, then its final global
-    assert text.read_global_meta(8)["final"] == "the parent federation finished"
+    assert text.latest_global() == 4  # 1 root round x 2 x 2 own rounds, then its final global
+    assert text.read_global_meta(4)["final"] == "the parent federation finished"
     run = json.loads((tmp_path / "store" / "nodes" / "west" / "text" / "run.json").read_text())
     assert run["members"] == ["code", "prose"]
     sim = assert_equals_simulation(config, tmp_path, got)
-    assert sim["tokens"] == 2 * 3 * 4 * 3 * 4 * 32  # rounds x silos x silo rounds per root round x H x B x L
+    assert sim["tokens"] == 1 * 3 * 4 * 3 * 4 * 32  # rounds x silos x silo rounds per root round x H x B x L
     rows = [json.loads(line) for line in open(tmp_path / "agg" / "metrics" / "rounds.jsonl")]
     assert sum(r["tokens"] for r in rows) == sim["tokens"]  # each federation's weight: its silos' tokens
 
