@@ -151,33 +151,7 @@ def check_config(fed: Mapping[str, Any]) -> None:
     secure.check_config(fed)
     compliance_gate.check_config(fed["compliance"])
     tree_lib.check_config(fed["tree"])
-    if str(fed["tree"]["spec"]).strip():
-        refused = {
-            "parallel": fed["parallel"],
-            "download_compression": fed["download_compression"] != "none",
-            "aggregate_inner_moments": fed["aggregate_inner_moments"],
-            "secagg.enabled": fed["secagg"]["enabled"],
-        }
-        on = [k for k, v in refused.items() if v]
-        if on:
-            raise ValueError(
-                f"federation.tree.spec (a tree of federations) does not support federation.{', '.join(on)} yet: "
-                "turn it off (download_compression='none') or use the flat federation"
-            )
-    if fed["tree"]["key_layers"]:
-        refused = {
-            "secagg.enabled": fed["secagg"]["enabled"],
-            "dp.mode": fed["dp"]["mode"] != "off",
-            "parallel": fed["parallel"],
-            "download_compression": fed["download_compression"] != "none",
-            "aggregate_inner_moments": fed["aggregate_inner_moments"],
-        }
-        on = [k for k, v in refused.items() if v]
-        if on:
-            raise ValueError(
-                f"federation.tree.key_layers (partial localisation) does not support federation.{', '.join(on)} "
-                "yet (key layers are aggregated outside the private, masked or compressed mean): turn it off"
-            )
+    tree_lib.check_combinations(fed)
     if fed["aggregate_inner_moments"] and fed["inner_state"] != "keep":
         raise ValueError("federation.aggregate_inner_moments needs federation.inner_state='keep'")
     try:

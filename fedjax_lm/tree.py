@@ -245,6 +245,35 @@ def check_config(tree_cfg: Mapping[str, Any]) -> None:
         _parse_children(_tokens(tree_cfg["spec"]), 0, tree_cfg["spec"])  # syntax; silos are checked at build
 
 
+def check_combinations(fed: Mapping[str, Any]) -> None:
+    """What a tree, or key layers, cannot be combined with yet: refused, naming the fields."""
+
+    def refuse(what: str, why: str, **options: bool) -> None:
+        on = [k for k, v in options.items() if v]
+        if on:
+            raise ValueError(f"{what} does not support federation.{', '.join(on)} yet ({why}): turn it off")
+
+    common = dict(
+        parallel=fed["parallel"],
+        download_compression=fed["download_compression"] != "none",
+        aggregate_inner_moments=fed["aggregate_inner_moments"],
+    )
+    if str(fed["tree"]["spec"]).strip():
+        refuse(
+            "federation.tree.spec (a tree of federations)",
+            "a sub-federation trains its children one by one from its own uncompressed params",
+            **common,
+            **{"secagg.enabled": fed["secagg"]["enabled"]},
+        )
+    if fed["tree"]["key_layers"]:
+        refuse(
+            "federation.tree.key_layers (partial localisation)",
+            "key layers are aggregated outside the private, masked or compressed mean",
+            **common,
+            **{"secagg.enabled": fed["secagg"]["enabled"], "dp.mode": fed["dp"]["mode"] != "off"},
+        )
+
+
 def from_config(fed: Mapping[str, Any], silos: Sequence[str]) -> Tree:
     t = fed["tree"]
     return parse(str(t["spec"]), silos, int(t["local_rounds"]))
