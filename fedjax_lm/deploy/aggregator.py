@@ -10,7 +10,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 
 from fedjax_lm import config as config_lib
@@ -27,7 +26,6 @@ from fedjax_lm import runs
 from fedjax_lm import secagg
 from fedjax_lm import secure
 from fedjax_lm import store as store_lib
-from fedjax_lm import worldlm
 from fedjax_lm.data import select
 from fedjax_lm.deploy.common import (
     GlobalRejected,
@@ -43,6 +41,7 @@ from fedjax_lm.deploy.common import (
 from fedjax_lm.compliance import gate as gate_lib
 from fedjax_lm.deploy import cards as card_lib
 from fedjax_lm.deploy import downloads
+from fedjax_lm.deploy import tree_keys
 from fedjax_lm.deploy.secure_protocol import AggregatorProtocol
 
 MAX_STRANGERS_LOGGED = 16  # updates under names that are not members: reported by name up to this many
@@ -298,7 +297,7 @@ class Aggregator:
                 "aggregator", f"round {r}: validated {sorted(manifests)}; pausing {pause}s before aggregating"
             )
             time.sleep(pause)
-        for silo, reason in self._key_leaks(r, manifests).items():
+        for silo, reason in tree_keys.leaks(self.store, self.fed, r, manifests).items():
             manifests.pop(silo)
             rejected[silo] = str(store_lib.UpdateRejected(silo, r, reason))
             log("aggregator", f"REJECTED {rejected[silo]}")
@@ -312,7 +311,7 @@ class Aggregator:
         )  # adaptive clipping: published with global/r
         sent = server.params
         server, diag, clipped = self._aggregate(r, server, manifests, rejected, clip)
-        server, attention = self._key_step(r, sent, server, manifests)
+        server, attention = tree_keys.step(self.store, self.fed, self.node, r, sent, server, manifests)
         accepted, seconds = self._accepted(manifests, list(manifests), meta)
         row = self.fed.round_row(
             r,
@@ -339,46 +338,6 @@ class Aggregator:
             norms = {s: m["validation"]["norm"] for s, m in manifests.items()}
             row["dp_next_clip_norm"] = self.fed.dp_round.next_clip(clip, norms, r, self._noise_secret())
         return server, row
-
-    def _key_deltas(self, r: int, silo: str, manifest: Mapping[str, Any]) -> dict[str, Any]:
-        """The decoded key leaves of a validated update, re-hashed while read (`tree.key_layers`)."""
-        like = self.fed.key_template(self.fed.silo.abstract_params)
-        one = store_lib.aggregate.stream_aggregate(
-            self.store, r, {silo: 1.0}, like, manifests={silo: manifest}, verify_sha256=True
-        )
-        return dict(zip(worldlm.leaf_paths(one), jax.tree.leaves(one)))
-
-    def _key_leaks(self, r: int, manifests: Mapping[str, Any]) -> dict[str, str]:
-        """Sub-federations whose upload carries anything in the key layers they must keep (exact zeros
-        expected: `Federation.keeps_keys`); FedPer's silos alike."""
-        f, out = self.fed, {}
-        for s in sorted(manifests):
-            if f.keeps_keys(s):
-                leaked = [n for n, x in self._key_deltas(r, s, manifests[s]).items() if bool(jnp.any(x != 0))]
-                if leaked:
-                    out[s] = f"carries key layers it must keep ({', '.join(leaked)}): they never leave it"
-        return out
-
-    def _key_step(self, r: int, sent_params, server: outer.OuterState, manifests: Mapping[str, Any]):
-        """(the state with this federation's key layers after its round, the attention weights) — the
-        simulation's `Subtree.key_step` over the store: k_c = k_sent − Δ_c^K of each accepted silo."""
-        f = self.fed
-        if f.key_mask is None or f.personal or not manifests:
-            return server, {}
-        senders = [s for s in sorted(manifests) if s not in f.tree.nodes or f.residual]
-        if not senders:
-            return server, {}
-        new, _, a = worldlm.aggregate_keys(
-            worldlm.key_layers(sent_params, f.key_mask),
-            [self._key_deltas(r, s, manifests[s]) for s in senders],
-            [f.weight(manifests[s]["tokens"], s) for s in senders],
-            attention=bool(f.fed.tree.attention),
-            temperature=float(f.fed.tree.temperature),
-            step=float(f.fed.tree.step),
-        )
-        weights = {f"attention/{self.node}/{c}": w for c, w in worldlm.mean_weights(a, senders).items()}
-        params = worldlm.with_key_layers(server.params, new)
-        return outer.OuterState(params, server.opt_state, server.round), weights
 
     def _aggregate(self, r: int, server: outer.OuterState, manifests: dict, rejected: dict, clip: float):
         """The outer step on the streamed aggregate of the accepted updates (weights decided here;
