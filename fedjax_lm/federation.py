@@ -555,7 +555,7 @@ class Federation:
         folded in as weight w_k·s_k; the factor Σ w_k s_k / D then gives Σ w_k s_k Δ_k / D with
         D = Σ w_k, or, under DP, every w_k = 1 and D = the expected number of silos per round (a
         fixed denominator: one silo's presence must not change the scale)."""
-        base = {s: 1.0 if self.dp_on else self.weight(t) for s, t in claimed.items()}
+        base = {s: 1.0 if self.dp_on else self.weight(t, s) for s, t in claimed.items()}
         bound = None
         if self.dp_on:
             bound = self.dp_round.initial_clip if clip_norm is None else float(clip_norm)

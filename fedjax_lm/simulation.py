@@ -333,7 +333,7 @@ class Simulation:
         self._advance(privates, outs, sampled)
         accepted = {
             n: {
-                "tokens": f.weight(np.asarray(outs[n].metrics["tokens"]).sum()),
+                "tokens": f.weight(np.asarray(outs[n].metrics["tokens"]).sum(), n),
                 "loss": float(np.asarray(outs[n].metrics["loss"]).mean()),
             }
             for n in result.survivors
