@@ -137,6 +137,19 @@ HOW = {
         "--corpus=cache/readme-corpus",
     ),
     "python benchmarks/secagg_overhead.py --silos 8,16 --dropped 2": ("help", ""),
+    "python -m fedjax_lm federation --config experiments/worldlm.py:method=hierfavg --store runs/store "
+    "--name slavic --workdir runs/slavic": ("help", ""),
+    "python -m fedjax_lm train --config experiments/worldlm.py:size=tiny,tree=family --workdir runs/worldlm": (
+        "tiny",
+        f"{SMALL} {FED} --config.federation.tree.spec=fa(code),fb(prose)",
+    ),
+    "python -m fedjax_lm sweep --config experiments/worldlm.py:size=tiny,tree=family --sweep methods "
+    "--workdir runs/worldlm-family": ("help", ""),
+    "python -m fedjax_lm.tree_report runs/worldlm": ("as-is", ""),
+    "python -m fedjax_lm sweep --config experiments/worldlm.py:size=tiny,tree=domain --sweep tree_methods "
+    "--workdir runs/worldlm-domain": ("help", ""),
+    "python -m fedjax_lm sweep --config experiments/worldlm.py:size=tiny,tree=family3 --sweep tree_methods "
+    "--workdir runs/worldlm-family3": ("help", ""),
 }
 
 
