@@ -146,6 +146,8 @@ HOW = {
     "python -m fedjax_lm sweep --config experiments/worldlm.py:size=tiny,tree=family --sweep methods "
     "--workdir runs/worldlm-family": ("help", ""),
     "python -m fedjax_lm.tree_report runs/worldlm": ("as-is", ""),
+    "python -m fedjax_lm sweep --config experiments/worldlm.py:size=tiny,tree=domain --sweep tree_methods "
+    "--workdir runs/worldlm-domain": ("help", ""),
     "python -m fedjax_lm train --config experiments/worldlm.py:size=tiny,tree=family,residual=False "
     "--workdir runs/worldlm-family-nores": ("help", ""),
 }
