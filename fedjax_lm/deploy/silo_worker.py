@@ -71,14 +71,7 @@ class SiloWorker:
     def _join(self) -> fed_lib.Federation:
         """Waits for the federation, checks membership and config, prepares this silo's own corpus
         with the federation's tokenizer (from the store) and opens its data."""
-        while self.store.latest_global() is None:
-            time.sleep(self.poll)
-        run = check_store_run(self.store, self.config, f"silo {self.name}", self.trust)
-        members = run.get("members", run.get("silos", []))
-        if self.name not in members:
-            raise ValueError(
-                f"silo {self.name!r} is not a member of this federation; its members are {members}"
-            )
+        run = self._run_as_member("silo")
         data_cfg = self._data_with_store_tokenizer(run["tokenizer_sha256"])
         corpus = select.ensure_corpus(data_cfg)
         select.check_vocab(self.config, corpus)
@@ -93,6 +86,19 @@ class SiloWorker:
             else None
         )
         return fed
+
+    def _run_as_member(self, role: str) -> dict[str, Any]:
+        """The store's run.json once the federation started, checked against this process's config and
+        refusing a process that is not one of its members."""
+        while self.store.latest_global() is None:
+            time.sleep(self.poll)
+        run = check_store_run(self.store, self.config, f"{role} {self.name}", self.trust)
+        members = run.get("members", run.get("silos", []))
+        if self.name not in members:
+            raise ValueError(
+                f"{role} {self.name!r} is not a member of this federation; its members are {members}"
+            )
+        return run
 
     def _publish_card(self) -> None:
         """Only metadata leaves the silo: its Data card, published at joining and whenever it changes."""

@@ -43,7 +43,7 @@ from fedjax_lm import tree as tree_lib
 from fedjax_lm import worldlm
 from fedjax_lm.client import ClientOutput
 from fedjax_lm.deploy.aggregator import Aggregator
-from fedjax_lm.deploy.common import check_store_run, log, read_server
+from fedjax_lm.deploy.common import log, read_server
 from fedjax_lm.deploy.downloads import base_sha256
 from fedjax_lm.deploy.silo_worker import SiloWorker
 from fedjax_lm import federation as fed_lib
@@ -74,14 +74,7 @@ class SubFederation(SiloWorker):
     def _join(self) -> fed_lib.Federation:
         if self.fed is not None:  # joined in run(), before its own store was opened
             return self.fed
-        while self.store.latest_global() is None:
-            time.sleep(self.poll)
-        run = check_store_run(self.store, self.config, f"federation {self.name}", self.trust)
-        members = run.get("members", run.get("silos", []))
-        if self.name not in members:
-            raise ValueError(
-                f"federation {self.name!r} is not a member of its parent; its members are {members}"
-            )
+        run = self._run_as_member("federation")
         self.run_id = str(run.get("run_id") or run["fingerprint"])
         self.downloads = None  # refused with a tree (federation.check_config)
         sha = run["tokenizer_sha256"]
