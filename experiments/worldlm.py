@@ -18,7 +18,10 @@ Variants (besides the federated recipes' common keys, fedjax_lm/tree.py says wha
 - `rounds` is every method's number of *silo* rounds (its token budget): a tree's root runs
   rounds / local_rounds^(depth-1) rounds of its own;
 - `L` (local_rounds), `keys` (head: LM head + final norm; head+embed adds the embedding), `T` (temperature),
-  `gamma`, `residual`.
+  `gamma`, `residual`, `attention`;
+- `dp`: client-level DP (central) at that target ε for the run's silo rounds (δ = 1e-5; 0 = off), with clip
+  norm `clip` (the silos' median update norm is about 14 here); the federations of silos clip and noise
+  (fedjax_lm/worldlm.py's docstring says how key layers are released under DP).
 """
 
 from experiments import federated
@@ -58,6 +61,9 @@ WORLDLM = dict(
     T=0.1,
     gamma=0.5,
     residual=True,
+    attention=True,
+    dp=0.0,
+    clip=10.0,
 )
 
 
@@ -78,7 +84,9 @@ def get_config(arg: str | None = None):
     if v["method"] == "local":
         t.key_layers, t.key_owner = (".*",), "silo"
     t.key_owner = "silo" if v["method"] in ("fedper", "local") else "federation"
-    t.temperature, t.gamma, t.residual = v["T"], v["gamma"], v["residual"]
+    t.temperature, t.gamma, t.residual, t.attention = v["T"], v["gamma"], v["residual"], v["attention"]
+    if v["dp"]:
+        c.federation.dp.update(dict(mode="central", clip_norm=v["clip"], target_epsilon=v["dp"]))
     # rounds is the silos' budget: a tree's root runs fewer rounds of its own (each of several per silo)
     per_root = 1
     if nested:
@@ -91,6 +99,8 @@ def get_config(arg: str | None = None):
             )
     c.federation.rounds = v["rounds"] // per_root
     c.name = f"worldlm-{v['method']}-{v['tree'] if nested else 'flat'}-{v['size']}-H{v['H']}"
+    if v["dp"]:
+        c.name += f"-dp{v['dp']:g}"
     return c
 
 
@@ -104,3 +114,17 @@ def sweep_tree_methods(add, base):
     """The two methods that use the tree (HierFAVG, WorldLM), for another grouping of the same silos."""
     for method in ("hierfavg", "worldlm"):
         add(method=method)
+
+
+def sweep_methods_dp(add, base):
+    """The evidence table under client-level DP (give `dp=EPSILON`): the methods that share anything
+    (local-only releases nothing, so it is its own row without DP), WorldLM with and without residual
+    embeddings and with the key layers' attention off (then they are part of the noised mean)."""
+    if base.federation.dp.mode == "off":
+        raise ValueError(
+            "sweep methods_dp needs a target epsilon: --config experiments/worldlm.py:...,dp=1000"
+        )
+    for method in ("fedavg", "fedper", "hierfavg", "worldlm"):
+        add(method=method)
+    add(method="worldlm", residual=False)
+    add(method="worldlm", residual=False, attention=False)

@@ -93,7 +93,19 @@ def check_config(fed: Mapping[str, Any]) -> None:
 class RoundDP:
     """A federation's DP setting, round by round (mode 'off': every method is a no-op)."""
 
-    def __init__(self, dp: Mapping[str, Any], *, num_silos: int, expected_silos: int, rounds: int):
+    def __init__(
+        self,
+        dp: Mapping[str, Any],
+        *,
+        num_silos: int,
+        expected_silos: int,
+        rounds: int,
+        queries: int = 1,
+    ):
+        """`rounds`: the rounds each silo's data is used in (a tree's silo rounds); `queries`: how many
+        Gaussian queries of each silo's clipped update a round releases (2 with WorldLM's attention over
+        key layers: the mean and the key aggregate). Each is drawn with multiplier σ·√queries, so that
+        together they are one Gaussian mechanism of multiplier σ (Σ 1/(σ√q)² = 1/σ²): what is accounted."""
         self.cfg, self.mode = dp, str(dp["mode"])
         self.on, self.central = self.mode != "off", self.mode == "central"
         self.num_silos, self.expected_silos, self.rounds = num_silos, expected_silos, rounds
@@ -101,8 +113,16 @@ class RoundDP:
         self.initial_clip = float(dp["clip_norm"])
         self.noise_multiplier = self._sigma() if self.on else 0.0  # what the accountant counts
         self.adaptive = None
-        self.update_noise_multiplier = self.noise_multiplier  # what the update's noise is drawn with
+        self.queries = int(queries)
+        # what the update's noise (and the key aggregate's, with a second query) is drawn with
+        self.update_noise_multiplier = self.noise_multiplier * math.sqrt(self.queries)
+        self.key_noise_multiplier = self.update_noise_multiplier if self.queries > 1 else 0.0
         if self.on and dp["adaptive_clip"]:
+            if self.queries > 1:
+                raise ValueError(
+                    "federation.dp.adaptive_clip cannot be combined with attention over key layers yet "
+                    "(federation.tree.attention): the round would release three queries; turn one off"
+                )
             self.adaptive = privacy.adaptive_clip_init(
                 self.initial_clip,
                 expected_silos,
@@ -208,6 +228,8 @@ class RoundDP:
             "accountant": self.accountant,
             "stopped_by_budget": rounds_done < self.rounds,
         }
+        if self.queries > 1:  # the mean and the key aggregate each drawn with sigma x sqrt(queries)
+            out.update(queries=self.queries, update_noise_multiplier=self.update_noise_multiplier)
         if self.adaptive is not None:
             out.update(
                 adaptive_clip=True,

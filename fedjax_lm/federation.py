@@ -252,10 +252,26 @@ class Federation:
         self.dp = fed.dp
         k = int(fed.silos_per_round)
         self.expected_silos = k if 0 < k < len(self.names) else len(self.names)  # the DP denominator
-        self.dp_round = dp_round.RoundDP(
-            fed.dp, num_silos=len(self.names), expected_silos=self.expected_silos, rounds=self.rounds
+        # DP in a tree is per silo, as in the flat federation: the federations whose children are silos
+        # clip and noise their updates (this node if `dp_here`); a federation of federations aggregates
+        # what is already private. Every node accounts a silo's rounds (rounds x leaf rounds), with no
+        # amplification claimed for sampling above the silos' own federation (q = 1: an upper bound).
+        self.node = tree_lib.ROOT  # a sub-federation's aggregator sets its name (noise keys)
+        self.dp_here = fed.dp.mode != "off" and tree_lib.aggregates_silos(self.tree)
+        if fed.dp.mode != "off":
+            tree_lib.check_dp(self.tree)
+        self.key_attention = bool(
+            fed.tree.key_layers and fed.tree.key_owner == "federation" and fed.tree.attention
         )
-        self.dp_on, self.central_noise = self.dp_round.on, self.dp_round.central
+        self.dp_round = dp_round.RoundDP(
+            fed.dp,
+            num_silos=len(self.names) if self.tree.flat else self.expected_silos,
+            expected_silos=self.expected_silos,
+            rounds=self.rounds * self.leaf_rounds,
+            queries=2 if self.key_attention else 1,  # the federations of silos' key aggregate
+        )
+        self.dp_on = self.dp_round.on  # DP somewhere in the tree (here, or at the federations below)
+        self.central_noise = self.dp_round.central and self.dp_here
         self.noise_multiplier = self.dp_round.noise_multiplier
         # The most tokens a silo can see in a round: its claimed count is capped here (the server
         # decides weights; a claim of 1e37 tokens would otherwise be the whole mean).
@@ -537,7 +553,9 @@ class Federation:
     ) -> dict[str, Any]:
         """The round row's privacy fields (empty unless DP or server-side clipping is on)."""
         out = self.dp_round.fields(
-            rounds_done, clipped, self.dp_round.initial_clip if clip_norm is None else clip_norm
+            rounds_done * self.leaf_rounds,
+            clipped,
+            self.dp_round.initial_clip if clip_norm is None else clip_norm,
         )
         if self.clip_ratio:
             out["clipped"] = int(clipped)
@@ -555,9 +573,9 @@ class Federation:
         folded in as weight w_k·s_k; the factor Σ w_k s_k / D then gives Σ w_k s_k Δ_k / D with
         D = Σ w_k, or, under DP, every w_k = 1 and D = the expected number of silos per round (a
         fixed denominator: one silo's presence must not change the scale)."""
-        base = {s: 1.0 if self.dp_on else self.weight(t, s) for s, t in claimed.items()}
+        base = {s: 1.0 if self.dp_here else self.weight(t, s) for s, t in claimed.items()}
         bound = None
-        if self.dp_on:
+        if self.dp_here:
             bound = self.dp_round.initial_clip if clip_norm is None else float(clip_norm)
         elif self.clip_ratio and norms:
             bound = self.clip_ratio * float(np.median([norms[s] for s in claimed]))
@@ -565,7 +583,7 @@ class Federation:
             return base, 1.0, 0
         scales = {s: min(1.0, bound / norms[s]) if norms[s] > 0 else 1.0 for s in claimed}
         weights = {s: base[s] * scales[s] for s in claimed}
-        denominator = float(self.expected_silos) if self.dp_on else sum(base.values())
+        denominator = float(self.expected_silos) if self.dp_here else sum(base.values())
         return weights, sum(weights.values()) / denominator, sum(v < 1.0 for v in scales.values())
 
     def finish_aggregate(
@@ -577,7 +595,7 @@ class Federation:
         if self.central_noise:
             if noise_secret is None:
                 raise ValueError("central DP needs the aggregator's noise secret")
-            key = privacy.noise_key(noise_secret, r, "aggregator")
+            key = privacy.noise_key(noise_secret, r, self.noise_name)
             std = self.dp_round.noise_std(
                 self.dp_round.initial_clip if clip_norm is None else float(clip_norm)
             )
@@ -585,6 +603,55 @@ class Federation:
         if factor != 1.0:
             return _scale(mean, jnp.float32(factor))
         return mean
+
+    @property
+    def noise_name(self) -> str:
+        """Whose noise this node draws: the root aggregator's, or a sub-federation's (one secret can
+        serve every federation of a simulated tree: their keys differ by name)."""
+        return "aggregator" if self.node == tree_lib.ROOT else f"aggregator/{self.node}"
+
+    def rounds_allowed(self) -> int:
+        """federation.rounds, or fewer under dp.epsilon_budget (refused with a tree: silo rounds would
+        have to end inside a root round)."""
+        return self.dp_round.rounds_allowed() // self.leaf_rounds
+
+    def privacy_summary(self, rounds_done: int, clip_norm: float) -> dict[str, Any]:
+        """The run's DP summary after `rounds_done` rounds of this node (silo rounds are accounted)."""
+        return self.dp_round.summary(rounds_done * self.leaf_rounds, clip_norm)
+
+    def aggregate_keys(
+        self,
+        sent,
+        deltas: Sequence[Mapping[str, Any]],
+        weights: Sequence[float],
+        norms: Sequence[float],
+        r: int,
+        noise_secret: bytes | None = None,
+        clip_norm: float | None = None,
+    ):
+        """This federation's key layers after round r from its senders' key deltas (WorldLM,
+        `worldlm.aggregate_keys`): (k_p, the children's k_c, the weights a), or None when they are the
+        outer step's. Under DP (fedjax_lm/worldlm.py's docstring): without attention the key leaves of the
+        noised mean are the release (None); with it, the attention mean of the clipped key deltas
+        (`worldlm.private_key_deltas`; `norms` are the senders' whole-update norms) plus
+        N(0, (eta 2 z C)^2) per coordinate, from the key (secret, round, node, "keys")."""
+        t = self.fed.tree
+        kw = dict(attention=bool(t.attention), temperature=float(t.temperature), step=float(t.step))
+        if not self.dp_here:
+            return worldlm.aggregate_keys(sent, deltas, weights, **kw)
+        if not t.attention:
+            return None
+        if noise_secret is None:
+            raise ValueError("central DP needs the aggregator's noise secret")
+        clip = self.dp_round.initial_clip if clip_norm is None else float(clip_norm)
+        clipped = [
+            worldlm.private_key_deltas(d, min(1.0, clip / n) if n > 0 else 1.0, clip)
+            for d, n in zip(deltas, norms)
+        ]
+        new, kids, a = worldlm.aggregate_keys(sent, clipped, weights, **kw)
+        std = float(t.step) * 2.0 * self.dp_round.key_noise_multiplier * clip
+        noise = privacy.gaussian_noise(privacy.noise_key(noise_secret, r, self.noise_name, "keys"), new, std)
+        return {n: (new[n].astype(jnp.float32) + noise[n]).astype(new[n].dtype) for n in new}, kids, a
 
     # -- the aggregating node ----------------------------------------------------------------
     def aggregate(self, server: outer.OuterState, updates: Iterable[tuple[Any, float]], finish=None):

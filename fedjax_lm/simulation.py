@@ -109,14 +109,26 @@ class Simulation:
             rr = r * self.tree.local_rounds + j  # the round its silos count (their schedule's)
             children = [c for c in self.tree.nodes[name].children if c not in self.excluded]
             outs = self.run_clients(state.params, privates, children, rr)
-            accepted, rejected, _ = self._check(children, outs, rr)
+            accepted, rejected, norms = self._check(children, outs, rr)
             weights = {c: a["tokens"] for c, a in accepted.items()}
+            clipped = 0
             if accepted:
                 sent = state.params
-                result = node_round(sub.algo, state, ((outs[c].payload, weights[c]) for c in accepted))
-                state = sub.key_step(name, sent, result.state, outs, accepted, weights)
+                # its aggregator's weights: tokens, or under DP (a federation of silos) clipped, fixed D
+                mean_weights, factor, clipped = sub.fed_of(name).server_weights(weights, norms)
+                result = node_round(
+                    sub.algo,
+                    state,
+                    ((outs[c].payload, mean_weights[c]) for c in accepted),
+                    finish=lambda mean, factor=factor, rr=rr: sub.fed_of(name).finish_aggregate(
+                        mean, factor, rr, self.noise_secret
+                    ),
+                )
+                state = sub.key_step(
+                    name, sent, result.state, outs, accepted, weights, norms, rr, self.noise_secret
+                )
             self._advance(privates, outs, children)
-            sub.record_inner(name, accepted, rejected)
+            sub.record_inner(name, accepted, rejected, clipped)
             tokens += sum(weights.values())
             losses += [(a["loss"], a["tokens"]) for a in accepted.values()]
         payload, error = f.final(
@@ -250,7 +262,9 @@ class Simulation:
                     ((outs[n].payload, weights[n]) for n in accepted),
                     finish=lambda mean: f.finish_aggregate(mean, factor, r, self.noise_secret, clip),
                 )
-                server = self.subtree.key_step("root", start, server, outs, accepted, weights)
+                server = self.subtree.key_step(
+                    "root", start, server, outs, accepted, weights, norms, r, self.noise_secret, clip
+                )
             else:
                 server, diag = outer.OuterState(server.params, server.opt_state, server.round + 1), {}
             jax.block_until_ready(server)
@@ -425,7 +439,7 @@ def train(
         max_batches=int(config.train.eval_batches),
     )
     timer = monitor.PhaseTimer()
-    last = f.dp_round.rounds_allowed()  # federation.rounds, or fewer under a DP budget
+    last = f.rounds_allowed()  # federation.rounds, or fewer under a DP budget
     if last < f.rounds:
         print(
             f"[fedjax_lm] the privacy budget ε={float(config.federation.dp.epsilon_budget):g} allows "
@@ -513,7 +527,7 @@ def train(
     if sim.subtree.keyed:  # `val` is each silo with its own key layers; this is the global model's
         summary["val_global"] = eval_lib.evaluate(f.silo, server.params, sets)
     if f.dp_on:
-        summary["privacy"] = f.dp_round.summary(last, sim.clip_norm)
+        summary["privacy"] = f.privacy_summary(last, sim.clip_norm)
     runs.write_json_atomic(os.path.join(workdir, "summary.json"), summary)
     print(eval_lib.format_table(result))
     print(

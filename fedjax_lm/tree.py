@@ -270,8 +270,34 @@ def check_combinations(fed: Mapping[str, Any]) -> None:
             "federation.tree.key_layers (partial localisation)",
             "key layers are aggregated outside the private, masked or compressed mean",
             **common,
-            **{"secagg.enabled": fed["secagg"]["enabled"], "dp.mode": fed["dp"]["mode"] != "off"},
+            **{"secagg.enabled": fed["secagg"]["enabled"]},
         )
+    if str(fed["tree"]["spec"]).strip() and fed["dp"]["mode"] != "off":
+        dp = fed["dp"]
+        refuse(
+            "federation.dp with a tree of federations",
+            "a tree's silo rounds are accounted at the federations that aggregate silos",
+            **{"dp.adaptive_clip": dp["adaptive_clip"], "dp.epsilon_budget": float(dp["epsilon_budget"]) > 0},
+        )
+
+
+def check_dp(tree: Tree) -> None:
+    """Under DP a federation aggregates silos (and clips and noises them) or federations (whose uploads are
+    already private): never both, so that every silo's update is clipped and noised exactly once."""
+    for name, node in tree.nodes.items():
+        kinds = {tree.is_silo(c) for c in node.children}
+        if len(kinds) > 1:
+            silos = [c for c in node.children if tree.is_silo(c)]
+            raise ValueError(
+                f"federation.dp: federation {name!r} has both silos ({silos}) and federations as children; "
+                "under DP put its silos in a federation of their own (e.g. "
+                f"{'own(' + ','.join(silos) + ')'})"
+            )
+
+
+def aggregates_silos(tree: Tree, name: str = ROOT) -> bool:
+    """Whether federation `name`'s children are silos (under DP: it clips and noises their updates)."""
+    return all(tree.is_silo(c) for c in tree.nodes[name].children)
 
 
 def from_config(fed: Mapping[str, Any], silos: Sequence[str]) -> Tree:

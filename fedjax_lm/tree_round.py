@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from fedjax_lm import federation as fed_lib
 from fedjax_lm import monitor
 from fedjax_lm import outer
+from fedjax_lm import tree as tree_lib
 from fedjax_lm import worldlm
 
 
@@ -50,6 +51,20 @@ class Subtree:
         self.personal, self.residual = fed.personal, fed.residual
         self.key_order = fed.key_order
         self.log: dict[str, Any] = {}  # this root round's attention weights and inner traffic
+        # Each sub-federation's own `Federation` (its node config, as its aggregator process has in a
+        # deployment): its weights, clipping, DP noise and key-layer step.
+        self.feds: dict[str, fed_lib.Federation] = {}
+        if not self.tree.flat:
+            for name in self.tree.inner():
+                node = fed_lib.Federation(
+                    tree_lib.node_config(fed.config, name), self.tree.silos_under(name), mesh=fed.silo.mesh
+                )
+                node.node = name
+                self.feds[name] = node
+
+    def fed_of(self, name: str) -> fed_lib.Federation:
+        """The `Federation` of node `name` (the root's, or a sub-federation's)."""
+        return self.feds.get(name, self.fed)
 
     def init(self, params) -> None:
         for name in self.tree.inner():
@@ -105,9 +120,22 @@ class Subtree:
             return worldlm.with_key_layers(anchor, worldlm.key_layers(params, self.fed.key_mask))
         return anchor
 
-    def key_step(self, name: str, sent_params, state: outer.OuterState, outs, accepted, weights):
+    def key_step(
+        self,
+        name: str,
+        sent_params,
+        state: outer.OuterState,
+        outs,
+        accepted,
+        weights,
+        norms,
+        r: int,
+        noise_secret: bytes | None = None,
+        clip_norm: float | None = None,
+    ):
         """A federation's key layers after its round (WorldLM): the attention (or token-weighted) mean of
-        what its children sent, and, for its sub-federations, the residual embeddings of their next round."""
+        what its children sent (`Federation.aggregate_keys`, private under DP), and, for its
+        sub-federations, the residual embeddings of their next round."""
         f = self.fed
         if not self.keyed or self.owner != "federation":
             return state
@@ -117,14 +145,18 @@ class Subtree:
             return state
         sent = worldlm.key_layers(sent_params, f.key_mask)
         deltas = [worldlm.key_deltas(outs[c].payload, f.key_mask, f.abstract_params) for c in senders]
-        new, kids, a = worldlm.aggregate_keys(
+        result = self.fed_of(name).aggregate_keys(
             sent,
             deltas,
             [weights[c] for c in senders],
-            attention=bool(self.cfg.attention),
-            temperature=float(self.cfg.temperature),
-            step=float(self.cfg.step),
+            [norms[c] for c in senders],
+            r,
+            noise_secret,
+            clip_norm,
         )
+        if result is None:  # under DP without attention: the noised mean's key leaves are the release
+            return state
+        new, kids, a = result
         for c, w in worldlm.mean_weights(a, senders).items():
             self.log[f"attention/{name}/{c}"] = w
         feds = [i for i, c in enumerate(senders) if c in self.nodes]
@@ -145,8 +177,9 @@ class Subtree:
     def key_share(self, name: str) -> int:
         return self.fed.key_share(name)
 
-    def record_inner(self, name: str, accepted, rejected) -> None:
-        """One round of sub-federation `name`: its downloads and uploads, for the root round's row."""
+    def record_inner(self, name: str, accepted, rejected, clipped: int = 0) -> None:
+        """One round of sub-federation `name`: its downloads and uploads (and, under DP, how many of its
+        silos' updates it clipped), for the root round's row."""
         self.log.setdefault("inner", []).append(
             {
                 "down": {f"{name}/{c}": self.down_bytes(c) for c in accepted},
@@ -154,12 +187,14 @@ class Subtree:
                 "rejected": {f"{name}/{c}": why for c, why in rejected.items()},
             }
         )
+        if self.fed_of(name).dp_here:
+            self.log[f"clipped/{name}"] = self.log.get(f"clipped/{name}", 0) + int(clipped)
 
     def row_fields(self, r: int, accepted, ledger: monitor.CommLedger) -> dict[str, Any]:
         """The round row's tree fields: attention weights, the traffic inside the sub-federations (also in
         the ledger), and how many bytes of key layers each upload carried to its parent."""
         log, self.log = self.log, {}
-        out = {k: v for k, v in log.items() if k.startswith("attention/")}
+        out = {k: v for k, v in log.items() if k.startswith(("attention/", "clipped/"))}
         if self.keyed:
             out.update({f"key_bytes_up/{n}": self.key_share(n) for n in accepted})
         inner = log.get("inner", [])

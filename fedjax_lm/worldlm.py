@@ -50,6 +50,24 @@ In the tree's round (fedjax_lm/simulation.py; `federation.tree`, fedjax_lm/tree.
 * with `key_owner="silo"` (FedPer) a silo keeps its own key layers and uploads none of them.
 
 A silo is evaluated with the root's backbone and its federation's key layers (FedPer: its own).
+
+Under client-level DP (`federation.dp`, central mode; fedjax_lm/privacy.py has the mechanism) the unit is
+the silo, in a tree as in a flat federation. The federations whose children are silos clip and noise their
+silos' updates; a federation of federations aggregates what is already private (post-processing), by
+tokens. A federation's key layers are released to its members, so they are a query too:
+
+* without attention, the key layers are the key leaves of the federation's noised fixed-denominator mean
+  (after its outer step), nothing more: no extra query;
+* with attention (`private_key_deltas`): a silo's key deltas are those of its clipped update,
+  x_c = s_c Δ_c^K with s_c = min(1, C / ||Δ_c||), each leaf then clipped to C_l = C sqrt(n_l / n)
+  (n_l its size, n the key layers' size; sum_l C_l^2 = C^2). The attention mean of leaf l,
+  M^l = sum_c a_c^l x_c^l, is a convex combination, so it lies in the ball of radius C_l whatever the
+  weights; one silo's data changes it by at most 2 C_l, and M by at most 2C. The federation publishes
+  k_p - eta (M + N(0, (2 z C)^2 I)). With the mean's query (sensitivity C, noise z C on the sum) the round
+  is one Gaussian mechanism of multiplier (1/z^2 + 1/z^2)^(-1/2): both are drawn with z = sigma sqrt(2)
+  (`dp_round.RoundDP(queries=2)`), so the accountant counts sigma as in a flat federation.
+  The weights a are data-dependent and enter only through M (inside the bound); the aggregator logs them
+  (it is trusted with the updates in central mode, as with their norms).
 """
 
 from __future__ import annotations
@@ -143,6 +161,19 @@ def attention_aggregate(
         )
         new[name] = (kp.astype(jnp.float32) + step * pull).astype(kp.dtype)
     return new, weights
+
+
+def private_key_deltas(deltas: Layers, scale: float, clip_norm: float) -> Layers:
+    """A silo's key deltas as the DP key query uses them: x^l = clip(s Δ^l, C_l), s = its update's clip
+    factor min(1, C / ||Δ||), C_l = C sqrt(n_l / n) (the module docstring shows why M stays in C's ball)."""
+    total = sum(int(x.size) for x in deltas.values())
+    out = {}
+    for name, d in deltas.items():
+        x = d.astype(jnp.float32) * jnp.float32(scale)
+        bound = float(clip_norm) * (int(d.size) / total) ** 0.5
+        n = _norm(x)
+        out[name] = (x * jnp.minimum(1.0, bound / jnp.maximum(n, 1e-30))).astype(d.dtype)
+    return out
 
 
 def residuals(parent: Layers, children: Sequence[Layers]) -> list[Layers]:

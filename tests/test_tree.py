@@ -4,6 +4,7 @@ tree, sub-federations as participants, key layers kept local (FedPer, WorldLM), 
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -69,10 +70,112 @@ def test_config_errors_name_the_field(small_corpus):
     c = tree_config(small_corpus, key_owner="everyone")
     with pytest.raises(ValueError, match="key_owner must be one of"):
         config_lib.validate(c)
-    c = tree_config(small_corpus, key_layers=("lm_head/.*",))
+    c = tree_config(small_corpus, "a(code,prose),lines")
     c.federation.dp.update(dict(mode="central", clip_norm=1.0, noise_multiplier=1.0))
-    with pytest.raises(ValueError, match="key_layers .* does not support federation.dp.mode"):
+    with pytest.raises(ValueError, match=r"federation 'root' has both silos \(\['lines'\]\) and federations"):
+        simulation.Simulation(c, simulation.select.ensure_corpus(c.data), progress=False)
+    c.federation.tree.spec = "a(code,prose),b(lines)"
+    c.federation.dp.epsilon_budget = 5.0
+    with pytest.raises(ValueError, match="does not support federation.dp.epsilon_budget"):
         config_lib.validate(c)
+
+
+def test_dp_in_a_tree_is_accounted_per_silo_round_at_every_node(small_corpus):
+    """Every node of a DP tree accounts a silo's rounds (root rounds x leaf rounds, q = 1) and finds the
+    same sigma for a target epsilon; only the federations of silos clip and add noise; with attention over
+    key layers each of the round's two queries is drawn with sigma x sqrt(2)."""
+    from fedjax_lm import accounting
+    from fedjax_lm import federation
+
+    c = tree_config(small_corpus, THREE_LEVELS, local_rounds=2, key_layers=KEYS, residual=False)
+    c.federation.dp.update(dict(mode="central", clip_norm=1.0, target_epsilon=8.0))
+    root = federation.Federation(c, ["code", "prose", "lines"])
+    west = federation.Federation(tree_lib.node_config(c, "west"), ["code", "prose"])
+    text = federation.Federation(tree_lib.node_config(c, "text"), ["code", "prose"])
+    sigma = accounting.noise_multiplier_for(8.0, 1e-5, 3 * 4, accountant="rdp", sampling_probability=1.0)
+    for f in (root, west, text):
+        assert f.dp_round.rounds == 12 and f.dp_round.noise_multiplier == pytest.approx(sigma)
+        assert f.dp_round.update_noise_multiplier == pytest.approx(sigma * np.sqrt(2))
+    assert [f.dp_here for f in (root, west, text)] == [False, False, True]
+    assert not root.central_noise and text.central_noise
+    assert text.dp_round.noise_std(1.0) == pytest.approx(sigma * np.sqrt(2) / 2)  # D = its 2 silos
+    assert root.privacy_summary(3, 1.0)["epsilon"] == pytest.approx(8.0, rel=1e-3)
+
+
+def test_dp_noise_is_added_once_at_the_federations_of_silos(small_corpus, tmp_path):
+    """One root round of a two-level tree with FedAvg everywhere, C above every norm: the DP run's params
+    differ from the same run without DP by the root's token-weighted mean of its federations' noise,
+    std sqrt((2/3)^2 (sigma C / 2)^2 + (1/3)^2 (sigma C)^2) = 0.471 sigma C (t has 2 silos, j 1). Noise
+    at the root as well would give 0.687 sigma C; none in the federations 0.5 sigma C."""
+    from fedjax_lm import outer
+
+    def config(dp: bool):
+        c = tree_config(small_corpus, "t(code,prose),j(lines)")
+        c.federation.update(dict(rounds=1, compression="none"))
+        c.federation.outer = outer.default_outer_config("fedavg")
+        if dp:
+            c.federation.dp.update(dict(mode="central", clip_norm=1e3, noise_multiplier=1e-5))
+        return c
+
+    plain = simulation.train(config(False), str(tmp_path / "plain"))
+    private = simulation.train(config(True), str(tmp_path / "private"))
+    diff = np.concatenate(
+        [(a - b).ravel() for a, b in zip(leaves(private["server"].params), leaves(plain["server"].params))]
+    )
+    assert diff.size > 40_000
+    np.testing.assert_allclose(diff.std(), 0.4714 * 1e-5 * 1e3, rtol=0.02)
+    assert abs(diff.mean()) < 5 * diff.std() / np.sqrt(diff.size)
+    row = rows(tmp_path / "private")[0]
+    assert row["clipped/t"] == 0 and row["clipped/j"] == 0 and "dp_epsilon" in row
+    assert private["privacy"]["rounds"] == 1 and private["privacy"]["sampling_probability"] == 1.0
+
+
+def test_private_key_aggregate_stays_in_the_clip_ball_and_is_noised(small_corpus):
+    """WorldLM's key layers under DP: each silo's clipped key deltas, leaf by leaf inside C_l; their
+    attention mean inside C's ball whatever the weights (one silo moves it by at most 2C); the federation
+    adds N(0, (eta 2 sigma sqrt(2) C)^2) per coordinate to it."""
+    from fedjax_lm import federation
+
+    rng = np.random.default_rng(0)
+    shapes = {"lm_head/kernel": (32, 64), "final_norm/scale": (32,)}
+    sent = {n: jnp.asarray(rng.normal(size=s), jnp.float32) for n, s in shapes.items()}
+    raw = [
+        {n: jnp.asarray(rng.normal(size=s) * 10.0**k, jnp.float32) for n, s in shapes.items()}
+        for k in range(3)
+    ]
+    norms = [float(np.sqrt(sum(np.sum(np.square(x)) for x in d.values()))) * 1.5 for d in raw]
+    C = 2.0
+    clipped = [worldlm.private_key_deltas(d, min(1.0, C / n), C) for d, n in zip(raw, norms)]
+    for d in clipped:
+        for n, x in d.items():
+            assert float(jnp.linalg.norm(x)) <= C * np.sqrt(x.size / (32 * 64 + 32)) * (1 + 1e-5)
+    for T in (1e-3, 0.1, 10.0):
+        new, _, _ = worldlm.aggregate_keys(sent, clipped, [1.0] * 3, attention=True, temperature=T, step=1.0)
+        m = np.concatenate([np.ravel(sent[n] - new[n]) for n in sent])
+        assert np.linalg.norm(m) <= C * (1 + 1e-5)
+        alone = [clipped[0], {n: jnp.zeros_like(x) for n, x in clipped[1].items()}, clipped[2]]
+        moved, _, _ = worldlm.aggregate_keys(sent, alone, [1.0] * 3, attention=True, temperature=T, step=1.0)
+        assert np.linalg.norm(np.concatenate([np.ravel(new[n] - moved[n]) for n in sent])) <= 2 * C * (
+            1 + 1e-5
+        )
+
+    c = tree_config(small_corpus, key_layers=KEYS, step=0.5)
+    c.federation.dp.update(dict(mode="central", clip_norm=C, noise_multiplier=0.3))
+    f = federation.Federation(c, ["code", "prose", "lines"])
+    keys = worldlm.key_layers(f.init_server(0).params, f.key_mask)
+    zero = [{n: jnp.zeros_like(x) for n, x in keys.items()}] * 3
+    new, _, _ = f.aggregate_keys(keys, zero, [1.0] * 3, [0.0] * 3, 0, b"k" * 32)
+    noise = np.concatenate([np.ravel(new[n] - keys[n]) for n in keys])
+    np.testing.assert_allclose(noise.std(), 0.5 * 2 * 0.3 * np.sqrt(2) * C, rtol=0.03)
+    again, _, _ = f.aggregate_keys(keys, zero, [1.0] * 3, [0.0] * 3, 0, b"k" * 32)
+    assert all(np.array_equal(again[n], new[n]) for n in keys)  # the same key: the same noise on resume
+    c.federation.tree.attention = False
+    assert (
+        federation.Federation(c, ["code", "prose", "lines"]).aggregate_keys(
+            keys, zero, [1.0] * 3, [0.0] * 3, 0, b"k" * 32
+        )
+        is None
+    )  # the key leaves of the noised mean are the release
 
 
 def test_depth_one_tree_is_the_flat_federation_bit_for_bit(small_corpus, tmp_path):

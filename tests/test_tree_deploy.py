@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from fedjax_lm import config as config_lib
+from fedjax_lm import simulation
 from fedjax_lm import store as store_lib
 from fedjax_lm import tree as tree_lib
 from tests.test_deploy import Procs, assert_equals_simulation, make_config
@@ -168,3 +169,44 @@ def test_fedper_deployment_keeps_each_silos_head_and_equals_the_simulation(small
     )
     got, _ = root_params(config, p.store, 2)
     assert_equals_simulation(config, tmp_path, got)
+
+
+def test_worldlm_under_dp_deployment_equals_the_simulation(small_corpus, tmp_path, procs):
+    """Client-level DP in a keyed tree, deployed: each sub-federation clips its silos' updates and adds
+    the noise of the mean and of its attention key aggregate (its own secret, here the simulation's),
+    the root adds none; the run ends where the simulation does, bit for bit, and both account the same ε.
+    C is above every norm, as in tests/test_dp_round.py: the drivers compute an update's norm in different
+    float orders (f32 in memory, f64 over the store's chunks), so a clipping scale could differ in its last
+    bit; clipping itself is tested in tests/test_tree.py."""
+    config, spec = tree_config(small_corpus, tmp_path, rounds=2, local_rounds=1)
+    config.federation.tree.spec = "t(code,prose),j(lines)"
+    config.federation.tree.update(dict(key_layers=KEYS, residual=False))
+    config.federation.dp.update(dict(mode="central", clip_norm=1e3, noise_multiplier=1e-6))
+    (tmp_path / "config.json").write_text(config.to_json_best_effort())
+    for d in ("t/aggregator", "j/aggregator", "sim"):
+        (tmp_path / d).mkdir(parents=True)
+        (tmp_path / d / "dp_noise_secret").write_bytes(b"k" * 32)
+    p = procs["p"] = Procs(tmp_path, spec)
+    p.aggregator()
+    for node in ("t", "j"):
+        p.start(node, "federation", "--name", node, "--workdir", str(tmp_path / node))
+    for s in SILOS:
+        p.silo(s)
+    for name in ("aggregator", "t", "j", *SILOS):
+        p.wait(name, timeout=600)
+    assert not (tmp_path / "agg" / "dp_noise_secret").exists()  # the root adds no noise
+    t_rows = [json.loads(line) for line in open(tmp_path / "t" / "aggregator" / "metrics" / "rounds.jsonl")]
+    assert [r["clipped"] for r in t_rows] == [0, 0] and all("dp_epsilon" in r for r in t_rows)
+    assert all(0 < r["attention/t/code"] < 1 for r in t_rows)
+    got, _ = root_params(config, p.store, 2)
+    sim = assert_equals_simulation(config, tmp_path, got)
+    summary = json.loads((tmp_path / "agg" / "summary.json").read_text())
+    assert summary["privacy"]["epsilon"] == sim["privacy"]["epsilon"] and summary["privacy"]["rounds"] == 2
+    sim_rows = [json.loads(line) for line in open(tmp_path / "sim" / "metrics" / "rounds.jsonl")]
+    assert [r["clipped/t"] for r in sim_rows] == [0, 0]
+    plain = config.copy_and_resolve_references()
+    plain.federation.dp.mode = "off"
+    noiseless = simulation.train(plain, str(tmp_path / "plain"))
+    assert any(  # the noise is there (std ~1e-3 on the mean, ~3e-3 on the key layers)
+        not np.array_equal(a, np.asarray(b)) for a, b in zip(got, jax.tree.leaves(noiseless["server"].params))
+    )

@@ -102,6 +102,7 @@ class Aggregator:
             raise ValueError(f"no silo may be named {identity.AGGREGATOR!r}: the allow-list reserves it")
         self.trust = load_trust(config, identity.AGGREGATOR)
         self.fed = fed_lib.Federation(config, names)  # its members: silos, or a tree's sub-federations
+        self.fed.node = node  # whose DP noise it draws
         if self.trust.signed:
             self.trust.allow.require(self.fed.names)
         self._checked_commits: dict[
@@ -311,7 +312,9 @@ class Aggregator:
         )  # adaptive clipping: published with global/r
         sent = server.params
         server, diag, clipped = self._aggregate(r, server, manifests, rejected, clip)
-        server, attention = tree_keys.step(self.store, self.fed, self.node, r, sent, server, manifests)
+        server, attention = tree_keys.step(
+            self.store, self.fed, self.node, r, sent, server, manifests, self._noise_secret(), clip
+        )
         accepted, seconds = self._accepted(manifests, list(manifests), meta)
         row = self.fed.round_row(
             r,
@@ -492,7 +495,7 @@ class Aggregator:
 
     def _noise_secret(self) -> bytes | None:
         """Central DP: the aggregator's own noise secret, in its workdir (never in the store)."""
-        return runs.noise_secret(self.workdir) if self.fed.dp_on else None
+        return runs.noise_secret(self.workdir) if self.fed.dp_here else None
 
     def start_or_resume(self) -> int:
         run = {
@@ -547,7 +550,7 @@ class Aggregator:
             r = self.start_or_resume()
             writer = monitor.MetricWriter(self.workdir)
             writer.truncate("rounds", keep_below=r)  # a crash between the row and the publish
-            last = self.fed.dp_round.rounds_allowed()  # federation.rounds, or fewer under a DP budget
+            last = self.fed.rounds_allowed()  # federation.rounds, or fewer under a DP budget
             if last < self.fed.rounds:
                 log("aggregator", f"the privacy budget allows {last} of {self.fed.rounds} rounds")
             while r < last:
@@ -644,7 +647,7 @@ class Aggregator:
         summary["energy"] = energy.totals(rows)
         if self.fed.dp_on:
             clip = dp_round.clip_of(self.store.read_global_meta(last), self.fed.dp_round.initial_clip)
-            summary["privacy"] = self.fed.dp_round.summary(last, clip)
+            summary["privacy"] = self.fed.privacy_summary(last, clip)
         if self._eval_sets() is not None:
             summary["val"] = eval_lib.evaluate(self.fed.silo, server.params, self._eval_sets())
             print(eval_lib.format_table(summary["val"]))

@@ -50,23 +50,29 @@ def step(
     sent_params: Any,
     server: outer.OuterState,
     manifests: Mapping[str, Any],
+    noise_secret: bytes | None = None,
+    clip_norm: float | None = None,
 ) -> tuple[outer.OuterState, dict[str, float]]:
     """(the state with federation `node`'s key layers after round r, its attention weights by child):
-    k_c = k_sent − Δ_c^K for each accepted member that sends key layers."""
+    k_c = k_sent − Δ_c^K for each accepted member that sends key layers (`Federation.aggregate_keys`,
+    private under DP)."""
     if fed.key_mask is None or fed.personal or not manifests:
         return server, {}
     senders = [s for s in sorted(manifests) if s not in fed.tree.nodes or fed.residual]
     if not senders:
         return server, {}
-    t = fed.fed.tree
-    new, _, a = worldlm.aggregate_keys(
+    result = fed.aggregate_keys(
         worldlm.key_layers(sent_params, fed.key_mask),
         [deltas(store, fed, r, s, manifests[s]) for s in senders],
         [fed.weight(manifests[s]["tokens"], s) for s in senders],
-        attention=bool(t.attention),
-        temperature=float(t.temperature),
-        step=float(t.step),
+        [float(manifests[s]["validation"]["norm"]) for s in senders],
+        r,
+        noise_secret,
+        clip_norm,
     )
+    if result is None:  # under DP without attention: the noised mean's key leaves are the release
+        return server, {}
+    new, _, a = result
     weights = {f"attention/{node}/{c}": w for c, w in worldlm.mean_weights(a, senders).items()}
     params = worldlm.with_key_layers(server.params, new)
     return outer.OuterState(params, server.opt_state, server.round), weights
