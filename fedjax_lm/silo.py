@@ -41,9 +41,10 @@ def keep_freed_memory_on_cpu() -> bool:
     XLA:CPU allocates a train step's temporaries (hundreds of MB to GB) afresh on every run; glibc
     serves them with mmap and unmaps them when freed, so each step first-touches every page again:
     ~180k minor page faults a step for the tiny preset at 4x1024, ~900k for small (measured in
-    benchmarks/profile_step.py), 10-25% of the step. One arena, no mmap and a 2 GiB trim threshold
-    make the freed temporaries reusable (docs/performance.md). The cost: the process keeps its peak
-    heap (up to 2 GiB above it is returned). Done once, at import, before XLA starts its threads;
+    benchmarks/profile_step.py), 10-25% of the step. One arena, no mmap and no trimming of the heap's
+    top make the freed temporaries reusable (docs/performance.md; a 2 GiB trim threshold, the largest
+    `mallopt` takes, still left small 4x1024 at 670k faults a step: its temporaries are larger). The
+    cost: the process keeps its peak heap. Done once, at import, before XLA starts its threads;
     FEDJAX_LM_MALLOPT=0 turns it off, and it is skipped where an accelerator plugin is installed.
     """
     import ctypes
@@ -61,7 +62,7 @@ def keep_freed_memory_on_cpu() -> bool:
         return bool(
             libc.mallopt(M_ARENA_MAX, 1)
             and libc.mallopt(M_MMAP_MAX, 0)
-            and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
+            and libc.mallopt(M_TRIM_THRESHOLD, -1)  # -1: never trim (glibc's mallopt(3))
         )
     except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to tune
         return False
