@@ -505,9 +505,14 @@ class Federation:
         """What `name`'s upload to its parent weighs (key leaves it keeps are not counted)."""
         return self.payload_bytes - (self.key_payload_bytes if self.keeps_keys(name) else 0)
 
-    def down_bytes(self, name: str) -> int:
-        """What `name` downloads from its parent (without the key layers it keeps)."""
-        return self.param_bytes - (self.key_param_bytes if self.keeps_keys(name) else 0)
+    def down_bytes(self, name: str, r: int = 0) -> int:
+        """What `name` downloads from its parent in round r (without the key layers it keeps; with residual
+        embeddings a sub-federation also reads, from round 1 on, the key layers of every sub-federation
+        of its parent: priced for all of them, an upper bound when one was not accepted)."""
+        out = self.param_bytes - (self.key_param_bytes if self.keeps_keys(name) else 0)
+        if self.residual and name in self.tree.nodes and r > 0:
+            out += self.key_param_bytes * sum(c in self.tree.nodes for c in self.names)
+        return out
 
     def key_share(self, name: str) -> int:
         """Bytes of key layers in `name`'s upload to its parent (0: its key layers stay)."""

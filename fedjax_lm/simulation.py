@@ -128,7 +128,7 @@ class Simulation:
                     name, sent, result.state, outs, accepted, weights, norms, rr, self.noise_secret
                 )
             self._advance(privates, outs, children)
-            sub.record_inner(name, accepted, rejected, clipped)
+            sub.record_inner(name, rr, accepted, rejected, clipped)
             tokens += sum(weights.values())
             losses += [(a["loss"], a["tokens"]) for a in accepted.values()]
         payload, error = f.final(
@@ -302,7 +302,7 @@ class Simulation:
         f = self.fed
         down = f.downloads.costs(self.held, accepted, r)
         if self.subtree.keyed:  # the tree's participants do not download key layers they keep
-            down = {n: self.subtree.down_bytes(n) for n in down}
+            down = {n: self.subtree.down_bytes(n, r) for n in down}
         self.held.update({n: r for n in sampled})
         if self.broadcast is not None:
             _, self.broadcast = f.downloads.next_broadcast(self.broadcast, server.params)

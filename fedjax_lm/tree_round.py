@@ -141,6 +141,10 @@ class Subtree:
             return state
         # a sub-federation sends key deltas only as residuals; silos always send theirs to their federation
         senders = [c for c in accepted if c not in self.nodes or self.residual]
+        if self.residual:  # a sub-federation that sent nothing this round gets no embedding next round
+            for c in self.tree.nodes[name].children:
+                if c in self.nodes:
+                    self.embeddings[c] = [jnp.zeros_like(x) for x in self.embeddings[c]]
         if not senders:
             return state
         sent = worldlm.key_layers(sent_params, f.key_mask)
@@ -159,30 +163,28 @@ class Subtree:
         new, kids, a = result
         for c, w in worldlm.mean_weights(a, senders).items():
             self.log[f"attention/{name}/{c}"] = w
-        feds = [i for i, c in enumerate(senders) if c in self.nodes]
+        feds = {c: kids[i] for i, c in enumerate(senders) if c in self.nodes}
         if self.residual and feds:
-            res = worldlm.residuals(new, [kids[i] for i in feds])
-            emb = worldlm.residual_embeddings([kids[i] for i in feds], res, float(self.cfg.temperature))
-            for i, e in zip(feds, emb):
-                self.embeddings[senders[i]] = [e[n] for n in self.key_order]
+            for c, e in worldlm.embeddings_of(new, feds, float(self.cfg.temperature)).items():
+                self.embeddings[c] = [e[n] for n in self.key_order]
         return outer.OuterState(worldlm.with_key_layers(state.params, new), state.opt_state, state.round)
 
     # -- traffic -------------------------------------------------------------------------------------
     def up_bytes(self, name: str) -> int:
         return self.fed.up_bytes(name)
 
-    def down_bytes(self, name: str) -> int:
-        return self.fed.down_bytes(name)
+    def down_bytes(self, name: str, r: int = 0, parent: str = tree_lib.ROOT) -> int:
+        return self.fed_of(parent).down_bytes(name, r)
 
     def key_share(self, name: str) -> int:
         return self.fed.key_share(name)
 
-    def record_inner(self, name: str, accepted, rejected, clipped: int = 0) -> None:
+    def record_inner(self, name: str, r: int, accepted, rejected, clipped: int = 0) -> None:
         """One round of sub-federation `name`: its downloads and uploads (and, under DP, how many of its
         silos' updates it clipped), for the root round's row."""
         self.log.setdefault("inner", []).append(
             {
-                "down": {f"{name}/{c}": self.down_bytes(c) for c in accepted},
+                "down": {f"{name}/{c}": self.down_bytes(c, r, name) for c in accepted},
                 "up": {f"{name}/{c}": self.up_bytes(c) for c in accepted},
                 "rejected": {f"{name}/{c}": why for c, why in rejected.items()},
             }

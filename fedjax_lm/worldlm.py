@@ -202,6 +202,15 @@ def residual_embeddings(
     return out
 
 
+def embeddings_of(parent: Layers, children: Mapping[str, Layers], temperature: float) -> dict[str, Layers]:
+    """{sub-federation: e_c} from the parent's key layers after its step and its sub-federations' k_c (in
+    sorted name order): what the simulation computes at the parent and what a deployed sub-federation
+    computes from the `children_keys` its parent publishes with the next global (the same arithmetic)."""
+    names = sorted(children)
+    kids = [children[n] for n in names]
+    return dict(zip(names, residual_embeddings(kids, residuals(parent, kids), temperature)))
+
+
 def children_key_layers(
     parent: Layers, res: Sequence[Layers], emb: Sequence[Layers], gamma: float
 ) -> list[Layers]:

@@ -210,3 +210,45 @@ def test_worldlm_under_dp_deployment_equals_the_simulation(small_corpus, tmp_pat
     assert any(  # the noise is there (std ~1e-3 on the mean, ~3e-3 on the key layers)
         not np.array_equal(a, np.asarray(b)) for a, b in zip(got, jax.tree.leaves(noiseless["server"].params))
     )
+
+
+def test_residual_embeddings_deployed_equal_the_simulation(small_corpus, tmp_path, procs):
+    """WorldLM with residual embeddings, deployed: the root publishes its sub-federations' key layers with
+    each next global (hash-signed), each sub-federation computes its own e_c from them and starts its round
+    from its key layers + gamma e_c; the run ends where the simulation does, bit for bit (and gamma
+    matters: the same run with gamma = 0 ends elsewhere). Deeper trees are refused in a deployment."""
+    from fedjax_lm.deploy import common
+
+    config, spec = tree_config(small_corpus, tmp_path, rounds=2, local_rounds=1)
+    config.federation.tree.spec = "t(code,prose),j(lines)"
+    config.federation.tree.update(dict(key_layers=KEYS, residual=True, gamma=0.5))
+    (tmp_path / "config.json").write_text(config.to_json_best_effort())
+    deep = config.copy_and_resolve_references()
+    deep.federation.tree.spec = SPEC
+    with pytest.raises(ValueError, match=r"\['west', 'east'\] have sub-federations of their own"):
+        common.check_deployable(deep)
+    p = procs["p"] = Procs(tmp_path, spec)
+    p.aggregator()
+    for node in ("t", "j"):
+        p.start(node, "federation", "--name", node, "--workdir", str(tmp_path / node))
+    for s in SILOS:
+        p.silo(s)
+    for name in ("aggregator", "t", "j", *SILOS):
+        p.wait(name, timeout=600)
+    meta = store_lib.Store(p.store).read_global_meta(1)
+    assert meta["children_keys_of"] == ["j", "t"] and len(meta["children_keys_sha256"]) == 64
+    got, _ = root_params(config, p.store, 2)
+    sim = assert_equals_simulation(config, tmp_path, got)
+    rows = [json.loads(line) for line in open(tmp_path / "agg" / "metrics" / "rounds.jsonl")]
+    sim_rows = [json.loads(line) for line in open(tmp_path / "sim" / "metrics" / "rounds.jsonl")]
+    from fedjax_lm import federation
+
+    key_bytes = federation.Federation(config, list(SILOS)).key_param_bytes
+    assert [r["bytes_down/t"] for r in rows] == [r["bytes_down/t"] for r in sim_rows]
+    assert rows[1]["bytes_down/t"] - rows[0]["bytes_down/t"] == 2 * key_bytes  # both federations' k_c
+    flat = config.copy_and_resolve_references()
+    flat.federation.tree.gamma = 0.0
+    other = simulation.train(flat, str(tmp_path / "gamma0"))
+    assert any(
+        not np.array_equal(a, np.asarray(b)) for a, b in zip(got, jax.tree.leaves(other["server"].params))
+    )

@@ -103,6 +103,7 @@ class Aggregator:
         self.trust = load_trust(config, identity.AGGREGATOR)
         self.fed = fed_lib.Federation(config, names)  # its members: silos, or a tree's sub-federations
         self.fed.node = node  # whose DP noise it draws
+        self.children_keys: dict[str, list] = {}  # residual embeddings: the last closed round's k_c
         if self.trust.signed:
             self.trust.allow.require(self.fed.names)
         self._checked_commits: dict[
@@ -115,6 +116,21 @@ class Aggregator:
         )
         self.lock = None  # held while run() runs
         self.ledger = monitor.CommLedger()
+
+    def residual_items(
+        self, extra: Mapping[str, Any], items: Mapping[str, Any] | None
+    ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """(meta, items) of the next global with the last closed round's `children_keys` (residual
+        embeddings: its sub-federations' key layers, from which each computes its own e_c), signed by hash."""
+        if not self.children_keys:
+            return dict(extra), items
+        keys = {c: list(k) for c, k in self.children_keys.items()}
+        meta = {
+            **extra,
+            "children_keys_of": sorted(keys),
+            "children_keys_sha256": identity.tree_sha256(keys),
+        }
+        return meta, {**(items or {}), "children_keys": keys}
 
     def publish(
         self, r: int, server: outer.OuterState, extra: Mapping[str, Any], lock=None, items=None
@@ -312,7 +328,7 @@ class Aggregator:
         )  # adaptive clipping: published with global/r
         sent = server.params
         server, diag, clipped = self._aggregate(r, server, manifests, rejected, clip)
-        server, attention = tree_keys.step(
+        server, attention, self.children_keys = tree_keys.step(
             self.store, self.fed, self.node, r, sent, server, manifests, self._noise_secret(), clip
         )
         accepted, seconds = self._accepted(manifests, list(manifests), meta)
@@ -479,7 +495,7 @@ class Aggregator:
         """What each accepted silo downloaded (compressed download: priced from the copy it says it held)."""
         d = self.fed.downloads
         if not d.on:  # the full model, without the key layers a participant keeps
-            return {s: self.fed.down_bytes(s) for s in accepted} if self.fed.key_mask is not None else None
+            return {s: self.fed.down_bytes(s, r) for s in accepted} if self.fed.key_mask is not None else None
         prices = {}
         for s in accepted:  # a silo that read the full copy says nothing: priced as the full copy
             q = downloads.held_round(manifests[s], r)
@@ -591,7 +607,10 @@ class Aggregator:
                     payload, copy = self.fed.downloads.next_broadcast(copy, server.params)
                     published, items = downloads.publish(self.fed, copy, payload)
                     extra.update(published)
-                self.publish(r + 1, server, {**extra, "comm": self.ledger.rounds[-1]}, lock=lock, items=items)
+                published, items = self.residual_items(extra, items)
+                self.publish(
+                    r + 1, server, {**published, "comm": self.ledger.rounds[-1]}, lock=lock, items=items
+                )
                 r += 1
             summary = self._summary(
                 read_server(self.fed, self.store, last, self.trust)[0], time.time() - t0, last

@@ -40,11 +40,17 @@ def check_deployable(config: ml_collections.ConfigDict) -> None:
             "deployment would have to upload every silo's AdamW moments (2x the model); set it to False"
         )
     if fed.tree.key_layers and fed.tree.key_owner == "federation" and fed.tree.residual:
-        raise ValueError(
-            "federation.tree.residual (WorldLM's residual embeddings) runs in the one-process simulation only "
-            "for now: a deployment has no per-child channel downward for them yet; set "
-            "federation.tree.residual=False (key layers still stay in their federation)"
-        )
+        from fedjax_lm import tree as tree_lib
+
+        tree = tree_lib.from_config(fed, tree_lib.silos_of(config))
+        deep = [n for n in tree.inner() if not tree_lib.aggregates_silos(tree, n)]
+        if deep:
+            raise ValueError(
+                "federation.tree.residual (WorldLM's residual embeddings) is deployed between the root and "
+                f"its sub-federations only: {deep} have sub-federations of their own, whose embeddings at "
+                "the start of each parent round run in the one-process simulation only for now; set "
+                "federation.tree.residual=False or use a two-level tree"
+            )
 
 
 def shared_config(config: ml_collections.ConfigDict) -> dict[str, Any]:

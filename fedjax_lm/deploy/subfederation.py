@@ -43,7 +43,7 @@ from fedjax_lm import tree as tree_lib
 from fedjax_lm import worldlm
 from fedjax_lm.client import ClientOutput
 from fedjax_lm.deploy.aggregator import Aggregator
-from fedjax_lm.deploy.common import log, read_server
+from fedjax_lm.deploy.common import check_tree, log, read_server
 from fedjax_lm.deploy.downloads import base_sha256
 from fedjax_lm.deploy.silo_worker import SiloWorker
 from fedjax_lm import federation as fed_lib
@@ -104,12 +104,30 @@ class SubFederation(SiloWorker):
         self.store.save_silo_state(self.name, r, arrays, {"round": r})
 
     # -- its round -------------------------------------------------------------------------------------
+    def _embedding(self, r: int, anchor, meta) -> dict[str, Any] | None:
+        """Its residual embedding e_c for parent round r (WorldLM), from the sub-federations' key layers
+        its parent published with global/r (checked against the signed hash); None when there are none."""
+        f = self.fed
+        if not f.residual or self.name not in meta.get("children_keys_of", []):
+            return None
+        names = list(meta["children_keys_of"])
+        keys = f.key_template(f.abstract_params)
+        like = [
+            jax.ShapeDtypeStruct(x.shape, x.dtype)
+            for x in (dict(zip(worldlm.leaf_paths(keys), jax.tree.leaves(keys)))[n] for n in f.key_order)
+        ]
+        item = self.store.read_global_item(r, "children_keys", {n: like for n in names})
+        check_tree(item, meta["children_keys_sha256"], f"global/{r} sub-federations' key layers")
+        kids = {n: dict(zip(f.key_order, item[n])) for n in names}
+        parent = worldlm.key_layers(anchor, f.key_mask)
+        return worldlm.embeddings_of(parent, kids, float(f.fed.tree.temperature))[self.name]
+
     def _train(self, r: int, private, last: int, *, progress: bool):
         anchor, meta, _ = self._download(r, private, last)
         t = time.perf_counter()
         state, tokens, loss = self._closed_state(r)
         if state is None:
-            state, tokens, loss = self._own_rounds(r, anchor)
+            state, tokens, loss = self._own_rounds(r, anchor, self._embedding(r, anchor, meta))
         up_anchor = anchor  # without residuals its key layers never leave: their delta is exactly zero
         if self.fed.keeps_keys(self.name):
             up_anchor = worldlm.with_key_layers(anchor, worldlm.key_layers(state.params, self.fed.key_mask))
@@ -141,7 +159,7 @@ class SubFederation(SiloWorker):
             return None
         return self.closed.restore(max(steps), self._abstract_closed())[0]
 
-    def _own_rounds(self, r: int, anchor) -> tuple[outer.OuterState, float, float]:
+    def _own_rounds(self, r: int, anchor, embedding=None) -> tuple[outer.OuterState, float, float]:
         agg, first, end = self.agg, r * self.L, (r + 1) * self.L
         latest = agg.store.latest_global()
         if latest is None or latest < first:  # the start of its part of parent round r
@@ -150,9 +168,11 @@ class SubFederation(SiloWorker):
             if last is not None:
                 opt_state = last["opt_state"]
                 if agg.fed.key_mask is not None and not agg.fed.personal:  # its own key layers stay its own
-                    params = worldlm.with_key_layers(
-                        anchor, worldlm.key_layers(last["params"], agg.fed.key_mask)
-                    )
+                    own = worldlm.key_layers(last["params"], agg.fed.key_mask)
+                    if embedding is not None:  # + gamma e_c (the simulation's Subtree.node_start)
+                        g = float(self.fed.fed.tree.gamma)
+                        own = {k: own[k] + g * embedding[k] for k in self.fed.key_order}
+                    params = worldlm.with_key_layers(anchor, own)
             start = outer.OuterState(params, opt_state, jnp.asarray(first, jnp.int32))
             agg.publish(first, start, {"parent_round": r}, lock=agg.lock)
             latest = first
@@ -165,7 +185,10 @@ class SubFederation(SiloWorker):
             log(self.name, f"own round {j + 1} (of parent round {r}): accepted {row['accepted']}")
             if j + 1 < end:
                 extra = {"closed": j, "accepted": row["accepted"], "rejected": row["rejected"]}
-                agg.publish(j + 1, server, {**extra, "comm": agg.ledger.rounds[-1]}, lock=agg.lock)
+                extra, items = agg.residual_items(extra, None)
+                agg.publish(
+                    j + 1, server, {**extra, "comm": agg.ledger.rounds[-1]}, lock=agg.lock, items=items
+                )
         writer.close()
         rows = monitor.rows_by_round(agg.workdir)
         mine = [rows[j] for j in range(first, end) if j in rows]

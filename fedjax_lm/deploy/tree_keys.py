@@ -52,15 +52,16 @@ def step(
     manifests: Mapping[str, Any],
     noise_secret: bytes | None = None,
     clip_norm: float | None = None,
-) -> tuple[outer.OuterState, dict[str, float]]:
-    """(the state with federation `node`'s key layers after round r, its attention weights by child):
-    k_c = k_sent − Δ_c^K for each accepted member that sends key layers (`Federation.aggregate_keys`,
-    private under DP)."""
+) -> tuple[outer.OuterState, dict[str, float], dict[str, list]]:
+    """(the state with federation `node`'s key layers after round r, its attention weights by child, and
+    with residual embeddings its sub-federations' key layers k_c in key order, published with the next
+    global): k_c = k_sent − Δ_c^K for each accepted member that sends key layers
+    (`Federation.aggregate_keys`, private under DP)."""
     if fed.key_mask is None or fed.personal or not manifests:
-        return server, {}
+        return server, {}, {}
     senders = [s for s in sorted(manifests) if s not in fed.tree.nodes or fed.residual]
     if not senders:
-        return server, {}
+        return server, {}, {}
     result = fed.aggregate_keys(
         worldlm.key_layers(sent_params, fed.key_mask),
         [deltas(store, fed, r, s, manifests[s]) for s in senders],
@@ -71,8 +72,11 @@ def step(
         clip_norm,
     )
     if result is None:  # under DP without attention: the noised mean's key leaves are the release
-        return server, {}
-    new, _, a = result
+        return server, {}, {}
+    new, kids, a = result
     weights = {f"attention/{node}/{c}": w for c, w in worldlm.mean_weights(a, senders).items()}
     params = worldlm.with_key_layers(server.params, new)
-    return outer.OuterState(params, server.opt_state, server.round), weights
+    children = {}
+    if fed.residual:
+        children = {c: [k[n] for n in fed.key_order] for c, k in zip(senders, kids) if c in fed.tree.nodes}
+    return outer.OuterState(params, server.opt_state, server.round), weights, children

@@ -82,7 +82,7 @@ def global_meta(round: int, meta: Any) -> dict[str, Any]:
 
 # Array items a global/<round> may carry besides params and opt_state: the compressed download's
 # broadcast copy and the round's delta to it (fedjax_lm/download.py).
-GLOBAL_EXTRA_ITEMS = ("broadcast", "download")
+GLOBAL_EXTRA_ITEMS = ("broadcast", "download", "children_keys")
 
 
 def global_extra_items(extra: Any) -> dict[str, Any]:
