@@ -21,7 +21,8 @@ Variants (besides the federated recipes' common keys, fedjax_lm/tree.py says wha
   `gamma`, `residual`, `attention`;
 - `dp`: client-level DP (central) at that target ε for the run's silo rounds (δ = 1e-5; 0 = off), with clip
   norm `clip` (the silos' median update norm is about 14 here); the federations of silos clip and noise
-  (fedjax_lm/worldlm.py's docstring says how key layers are released under DP).
+  (fedjax_lm/worldlm.py's docstring says how key layers are released under DP); `unit=federation` protects
+  each child of the root as a whole instead (the root clips and noises; nothing inside a federation is).
 """
 
 from experiments import federated
@@ -64,6 +65,7 @@ WORLDLM = dict(
     attention=True,
     dp=0.0,
     clip=10.0,
+    unit="silo",
 )
 
 
@@ -86,7 +88,9 @@ def get_config(arg: str | None = None):
     t.key_owner = "silo" if v["method"] in ("fedper", "local") else "federation"
     t.temperature, t.gamma, t.residual, t.attention = v["T"], v["gamma"], v["residual"], v["attention"]
     if v["dp"]:
-        c.federation.dp.update(dict(mode="central", clip_norm=v["clip"], target_epsilon=v["dp"]))
+        c.federation.dp.update(
+            dict(mode="central", clip_norm=v["clip"], target_epsilon=v["dp"], unit=v["unit"])
+        )
     # rounds is the silos' budget: a tree's root runs fewer rounds of its own (each of several per silo)
     per_root = 1
     if nested:
@@ -100,7 +104,7 @@ def get_config(arg: str | None = None):
     c.federation.rounds = v["rounds"] // per_root
     c.name = f"worldlm-{v['method']}-{v['tree'] if nested else 'flat'}-{v['size']}-H{v['H']}"
     if v["dp"]:
-        c.name += f"-dp{v['dp']:g}"
+        c.name += f"-dp{v['dp']:g}-{v['unit']}"
     return c
 
 
@@ -128,3 +132,13 @@ def sweep_methods_dp(add, base):
         add(method=method)
     add(method="worldlm", residual=False)
     add(method="worldlm", residual=False, attention=False)
+
+
+def sweep_tree_methods_dp(add, base):
+    """The tree methods under DP (give `dp=EPSILON`, e.g. with unit=federation): HierFAVG and WorldLM with
+    and without residual embeddings."""
+    if base.federation.dp.mode == "off":
+        raise ValueError("sweep tree_methods_dp needs a target epsilon: ...,dp=1000")
+    add(method="hierfavg")
+    add(method="worldlm")
+    add(method="worldlm", residual=False)

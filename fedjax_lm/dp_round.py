@@ -28,6 +28,7 @@ from fedjax_lm import accounting
 from fedjax_lm import privacy
 
 MODES = ("off", "central", "distributed")
+UNITS = ("silo", "federation")
 
 
 def default_config() -> dict[str, Any]:
@@ -43,6 +44,7 @@ def default_config() -> dict[str, Any]:
         target_quantile=0.5,  # gamma: the fraction of updates left unclipped
         clip_learning_rate=0.2,  # eta: C changes by at most exp(eta) per round
         indicator_noise_std=0.0,  # sigma_b on the count of unclipped updates; 0: expected silos / 20
+        unit="silo",  # in a tree: "silo" (each silo's data) | "federation" (each root child's, as a whole)
     )
 
 
@@ -56,6 +58,8 @@ def check_config(fed: Mapping[str, Any]) -> None:
         return
     if dp["mode"] not in MODES:
         raise ValueError(f"federation.dp.mode must be one of {MODES}, got {dp['mode']!r}")
+    if dp["unit"] not in UNITS:
+        raise ValueError(f"federation.dp.unit must be one of {UNITS}, got {dp['unit']!r}")
     if not float(dp["clip_norm"]) > 0:
         raise ValueError(
             f"federation.dp.clip_norm must be > 0 with dp.mode={dp['mode']!r} (the sensitivity C)"

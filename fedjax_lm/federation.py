@@ -257,8 +257,15 @@ class Federation:
         # what is already private. Every node accounts a silo's rounds (rounds x leaf rounds), with no
         # amplification claimed for sampling above the silos' own federation (q = 1: an upper bound).
         self.node = tree_lib.ROOT  # a sub-federation's aggregator sets its name (noise keys)
-        self.dp_here = fed.dp.mode != "off" and tree_lib.aggregates_silos(self.tree)
-        if fed.dp.mode != "off":
+        # With dp.unit="federation" the unit is each child of the root as a whole (a silo, or a
+        # sub-federation's silos together): the root clips and noises its children's uploads, once per root
+        # round, and nothing inside a sub-federation is private from its members (tree.node_config turns DP
+        # off there): WorldLM's reading, where what stays in a federation never needs noise.
+        self.dp_unit = str(fed.dp.unit)
+        by_federation = self.dp_unit == "federation"
+        self.dp_here = fed.dp.mode != "off" and (by_federation or tree_lib.aggregates_silos(self.tree))
+        self.dp_rounds_per_round = 1 if by_federation else self.leaf_rounds  # what the accountant counts
+        if fed.dp.mode != "off" and not by_federation:
             tree_lib.check_dp(self.tree)
         self.key_attention = bool(
             fed.tree.key_layers and fed.tree.key_owner == "federation" and fed.tree.attention
@@ -267,8 +274,10 @@ class Federation:
             fed.dp,
             num_silos=len(self.names) if self.tree.flat else self.expected_silos,
             expected_silos=self.expected_silos,
-            rounds=self.rounds * self.leaf_rounds,
-            queries=2 if self.key_attention else 1,  # the federations of silos' key aggregate
+            rounds=self.rounds * self.dp_rounds_per_round,
+            # the key aggregate where this DP applies: at the federations of silos, or by federation at the
+            # root when its children send key deltas (silos, or sub-federations' residuals)
+            queries=2 if self.key_attention and (not by_federation or self._root_gets_keys()) else 1,
         )
         self.dp_on = self.dp_round.on  # DP somewhere in the tree (here, or at the federations below)
         self.central_noise = self.dp_round.central and self.dp_here
@@ -558,7 +567,7 @@ class Federation:
     ) -> dict[str, Any]:
         """The round row's privacy fields (empty unless DP or server-side clipping is on)."""
         out = self.dp_round.fields(
-            rounds_done * self.leaf_rounds,
+            rounds_done * self.dp_rounds_per_round,
             clipped,
             self.dp_round.initial_clip if clip_norm is None else clip_norm,
         )
@@ -609,6 +618,10 @@ class Federation:
             return _scale(mean, jnp.float32(factor))
         return mean
 
+    def _root_gets_keys(self) -> bool:
+        residual = bool(self.fed.tree.residual)
+        return any(self.tree.is_silo(c) or residual for c in self.tree.root.children)
+
     @property
     def noise_name(self) -> str:
         """Whose noise this node draws: the root aggregator's, or a sub-federation's (one secret can
@@ -618,11 +631,14 @@ class Federation:
     def rounds_allowed(self) -> int:
         """federation.rounds, or fewer under dp.epsilon_budget (refused with a tree: silo rounds would
         have to end inside a root round)."""
-        return self.dp_round.rounds_allowed() // self.leaf_rounds
+        return self.dp_round.rounds_allowed() // self.dp_rounds_per_round
 
     def privacy_summary(self, rounds_done: int, clip_norm: float) -> dict[str, Any]:
         """The run's DP summary after `rounds_done` rounds of this node (silo rounds are accounted)."""
-        return self.dp_round.summary(rounds_done * self.leaf_rounds, clip_norm)
+        return {
+            **self.dp_round.summary(rounds_done * self.dp_rounds_per_round, clip_norm),
+            "unit": self.dp_unit,
+        }
 
     def aggregate_keys(
         self,

@@ -342,6 +342,8 @@ def node_config(config: ml_collections.ConfigDict, name: str) -> ml_collections.
     f.rounds = int(fed.rounds) * tree.local_rounds ** depth_of(tree, name)
     f.outer = fed.tree.outer.copy_and_resolve_references()
     f.silos_per_round = 0  # a sub-federation trains every child in each of its rounds
+    if str(f.dp.unit) == "federation":  # the root protects each federation as a whole; nothing inside
+        f.dp.mode = "off"
     f.eval_every = 0
     return c
 

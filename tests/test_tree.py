@@ -130,6 +130,33 @@ def test_dp_noise_is_added_once_at_the_federations_of_silos(small_corpus, tmp_pa
     assert private["privacy"]["rounds"] == 1 and private["privacy"]["sampling_probability"] == 1.0
 
 
+def test_dp_by_federation_noises_once_at_the_root(small_corpus, tmp_path):
+    """dp.unit='federation': the root clips and noises its federations' uploads (weight 1 each, D = 2),
+    the federations add nothing and account nothing. Two runs that differ only in sigma differ by that
+    noise alone: std (sigma_1 - sigma_2) C / 2 (with noise in the federations too it would be larger)."""
+    from fedjax_lm import federation
+    from fedjax_lm import outer
+
+    def config(sigma: float):
+        c = tree_config(small_corpus, "t(code,prose),j(lines)")
+        c.federation.update(dict(rounds=1, compression="none"))
+        c.federation.outer = outer.default_outer_config("fedavg")
+        c.federation.dp.update(dict(mode="central", clip_norm=1e3, noise_multiplier=sigma, unit="federation"))
+        return c
+
+    root = federation.Federation(config(1e-5), ["code", "prose", "lines"])
+    t = federation.Federation(tree_lib.node_config(config(1e-5), "t"), ["code", "prose"])
+    assert root.dp_here and root.dp_round.rounds == 1 and not t.dp_on and not t.dp_here
+    quiet = simulation.train(config(1e-9), str(tmp_path / "quiet"))
+    loud = simulation.train(config(1e-5), str(tmp_path / "loud"))
+    diff = np.concatenate(
+        [(a - b).ravel() for a, b in zip(leaves(loud["server"].params), leaves(quiet["server"].params))]
+    )
+    np.testing.assert_allclose(diff.std(), (1e-5 - 1e-9) * 1e3 / 2, rtol=0.02)
+    assert loud["privacy"]["unit"] == "federation" and loud["privacy"]["rounds"] == 1
+    assert "clipped/t" not in rows(tmp_path / "loud")[0]
+
+
 def test_private_key_aggregate_stays_in_the_clip_ball_and_is_noised(small_corpus):
     """WorldLM's key layers under DP: each silo's clipped key deltas, leaf by leaf inside C_l; their
     attention mean inside C's ball whatever the weights (one silo moves it by at most 2C); the federation

@@ -238,7 +238,7 @@ def test_residual_embeddings_deployed_equal_the_simulation(small_corpus, tmp_pat
     meta = store_lib.Store(p.store).read_global_meta(1)
     assert meta["children_keys_of"] == ["j", "t"] and len(meta["children_keys_sha256"]) == 64
     got, _ = root_params(config, p.store, 2)
-    sim = assert_equals_simulation(config, tmp_path, got)
+    assert_equals_simulation(config, tmp_path, got)
     rows = [json.loads(line) for line in open(tmp_path / "agg" / "metrics" / "rounds.jsonl")]
     sim_rows = [json.loads(line) for line in open(tmp_path / "sim" / "metrics" / "rounds.jsonl")]
     from fedjax_lm import federation
