@@ -142,3 +142,14 @@ def sweep_tree_methods_dp(add, base):
     add(method="hierfavg")
     add(method="worldlm")
     add(method="worldlm", residual=False)
+
+
+def sweep_dp_stability(add, base):
+    """Which methods stay stable under DP (give `dp=EPSILON` and a `clip`): flat FedAvg and FedPer (the same
+    for either unit), HierFAVG and WorldLM without residual embeddings with each federation as the unit."""
+    if base.federation.dp.mode == "off":
+        raise ValueError("sweep dp_stability needs a target epsilon: ...,dp=1000")
+    add(method="fedavg")
+    add(method="fedper")
+    add(method="hierfavg", unit="federation")
+    add(method="worldlm", residual=False, unit="federation")

@@ -324,16 +324,25 @@ def test_worldlm_dp_sweeps_build_the_documented_points():
     """The README's DP evidence commands: every point builds and validates, with the DP settings asked for."""
     from fedjax_lm import sweep
 
-    for spec, name, want in [
-        ("experiments/worldlm.py:size=tiny,tree=family,dp=1000", "methods_dp", 6),
-        ("experiments/worldlm.py:size=tiny,tree=family,dp=1000,unit=federation", "tree_methods_dp", 3),
+    for spec, name, units in [
+        ("experiments/worldlm.py:size=tiny,tree=family,dp=1000", "methods_dp", ["silo"] * 6),
+        (
+            "experiments/worldlm.py:size=tiny,tree=family,dp=1000,unit=federation",
+            "tree_methods_dp",
+            ["federation"] * 3,
+        ),
+        (
+            "experiments/worldlm.py:size=tiny,tree=family,dp=1000,clip=1",
+            "dp_stability",
+            ["silo", "silo", "federation", "federation"],
+        ),
     ]:
         points = sweep.build(spec, name, config_lib.load_config(spec))
-        assert len(points) == want
+        assert [p.config.federation.dp.unit for p in points] == units
         for p in points:
             dp = p.config.federation.dp
-            assert dp.mode == "central" and dp.target_epsilon == 1000 and dp.clip_norm == 10.0
-            assert dp.unit == ("federation" if "unit=federation" in spec else "silo")
+            assert dp.mode == "central" and dp.target_epsilon == 1000
+            assert dp.clip_norm == (1.0 if "clip=1" in spec else 10.0)
     with pytest.raises(ValueError, match="needs a target epsilon"):
         sweep.build(
             "experiments/worldlm.py:size=tiny",
