@@ -150,6 +150,12 @@ HOW = {
     "--workdir runs/worldlm-domain": ("help", ""),
     "python -m fedjax_lm train --config experiments/worldlm.py:size=tiny,tree=family,residual=False "
     "--workdir runs/worldlm-family-nores": ("help", ""),
+    "python -m fedjax_lm sweep --config experiments/worldlm.py:size=tiny,tree=family,dp=1000 --sweep methods_dp "
+    "--workdir runs/worldlm-family-dp1000": ("help", ""),
+    "python -m fedjax_lm sweep --config experiments/worldlm.py:size=tiny,tree=family,dp=1000,unit=federation "
+    "--sweep tree_methods_dp --workdir runs/worldlm-family-dp1000-federation": ("help", ""),
+    "python -m fedjax_lm sweep --config experiments/worldlm.py:size=tiny,tree=family,dp=1000,clip=1 "
+    "--sweep dp_stability --workdir runs/worldlm-family-dp1000-clip1": ("help", ""),
 }
 
 
