@@ -150,6 +150,8 @@ HOW = {
     "--workdir runs/worldlm-domain": ("help", ""),
     "python -m fedjax_lm train --config experiments/worldlm.py:size=tiny,tree=family,residual=False "
     "--workdir runs/worldlm-family-nores": ("help", ""),
+    "python -m fedjax_lm sweep --config experiments/worldlm.py:size=tiny,tree=family3 --sweep tree_methods "
+    "--workdir runs/worldlm-family3": ("help", ""),
     "python -m fedjax_lm sweep --config experiments/worldlm.py:size=tiny,tree=family,dp=1000 --sweep methods_dp "
     "--workdir runs/worldlm-family-dp1000": ("help", ""),
     "python -m fedjax_lm sweep --config experiments/worldlm.py:size=tiny,tree=family,dp=1000,unit=federation "
