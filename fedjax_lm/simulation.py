@@ -115,12 +115,13 @@ class Simulation:
             if accepted:
                 sent = state.params
                 # its aggregator's weights: tokens, or under DP (a federation of silos) clipped, fixed D
-                mean_weights, factor, clipped = sub.fed_of(name).server_weights(weights, norms)
+                node_fed = sub.fed_of(name)
+                mean_weights, factor, clipped = node_fed.server_weights(weights, norms)
                 result = node_round(
                     sub.algo,
                     state,
                     ((outs[c].payload, mean_weights[c]) for c in accepted),
-                    finish=lambda mean, factor=factor, rr=rr: sub.fed_of(name).finish_aggregate(
+                    finish=lambda mean, factor=factor, rr=rr: node_fed.finish_aggregate(
                         mean, factor, rr, self.noise_secret
                     ),
                 )

@@ -108,24 +108,36 @@ def test_subfederation_killed_between_its_close_and_its_upload_resumes_bit_ident
 
 
 KEYS = ("lm_head/.*", "final_norm/.*")
+TWO = "t(code,prose),j(lines)"  # two sub-federations under the root
+
+
+def two_federations_config(small_corpus, tmp_path, **tree):
+    """A keyed two-level tree (federations t and j), 2 root rounds, written where the processes read it."""
+    config, spec = tree_config(small_corpus, tmp_path, rounds=2, local_rounds=1)
+    config.federation.tree.spec = TWO
+    config.federation.tree.update(dict(key_layers=KEYS, **tree))
+    return config, spec
+
+
+def run_two_federations(p, config):
+    """Writes `config`, starts the root aggregator, t, j and the silos, and waits for them all."""
+    (p.tmp / "config.json").write_text(config.to_json_best_effort())
+    p.aggregator()
+    for node in ("t", "j"):
+        p.start(node, "federation", "--name", node, "--workdir", str(p.tmp / node))
+    for s in SILOS:
+        p.silo(s)
+    for name in ("aggregator", "t", "j", *SILOS):
+        p.wait(name, timeout=600)
 
 
 def test_key_layers_never_leave_their_federation_in_the_store(small_corpus, tmp_path, procs):
     """WorldLM without residuals, deployed: the sub-federations' uploads in the root's store carry exact
     zeros in the key layers (the root would reject anything else), their silos' uploads carry theirs,
     and the run ends where the simulation does, bit for bit (the federations' own key layers included)."""
-    config, spec = tree_config(small_corpus, tmp_path, rounds=2, local_rounds=1)
-    config.federation.tree.spec = "t(code,prose),j(lines)"
-    config.federation.tree.update(dict(key_layers=KEYS, residual=False))
-    (tmp_path / "config.json").write_text(config.to_json_best_effort())
+    config, spec = two_federations_config(small_corpus, tmp_path, residual=False)
     p = procs["p"] = Procs(tmp_path, spec)
-    p.aggregator()
-    for node in ("t", "j"):
-        p.start(node, "federation", "--name", node, "--workdir", str(tmp_path / node))
-    for s in SILOS:
-        p.silo(s)
-    for name in ("aggregator", "t", "j", *SILOS):
-        p.wait(name, timeout=600)
+    run_two_federations(p, config)
     from fedjax_lm import federation
 
     fed = federation.Federation(config, list(SILOS))
@@ -178,22 +190,13 @@ def test_worldlm_under_dp_deployment_equals_the_simulation(small_corpus, tmp_pat
     C is above every norm, as in tests/test_dp_round.py: the drivers compute an update's norm in different
     float orders (f32 in memory, f64 over the store's chunks), so a clipping scale could differ in its last
     bit; clipping itself is tested in tests/test_tree.py."""
-    config, spec = tree_config(small_corpus, tmp_path, rounds=2, local_rounds=1)
-    config.federation.tree.spec = "t(code,prose),j(lines)"
-    config.federation.tree.update(dict(key_layers=KEYS, residual=False))
+    config, spec = two_federations_config(small_corpus, tmp_path, residual=False)
     config.federation.dp.update(dict(mode="central", clip_norm=1e3, noise_multiplier=1e-6))
-    (tmp_path / "config.json").write_text(config.to_json_best_effort())
     for d in ("t/aggregator", "j/aggregator", "sim"):
         (tmp_path / d).mkdir(parents=True)
         (tmp_path / d / "dp_noise_secret").write_bytes(b"k" * 32)
     p = procs["p"] = Procs(tmp_path, spec)
-    p.aggregator()
-    for node in ("t", "j"):
-        p.start(node, "federation", "--name", node, "--workdir", str(tmp_path / node))
-    for s in SILOS:
-        p.silo(s)
-    for name in ("aggregator", "t", "j", *SILOS):
-        p.wait(name, timeout=600)
+    run_two_federations(p, config)
     assert not (tmp_path / "agg" / "dp_noise_secret").exists()  # the root adds no noise
     t_rows = [json.loads(line) for line in open(tmp_path / "t" / "aggregator" / "metrics" / "rounds.jsonl")]
     assert [r["clipped"] for r in t_rows] == [0, 0] and all("dp_epsilon" in r for r in t_rows)
@@ -219,22 +222,13 @@ def test_residual_embeddings_deployed_equal_the_simulation(small_corpus, tmp_pat
     matters: the same run with gamma = 0 ends elsewhere). Deeper trees are refused in a deployment."""
     from fedjax_lm.deploy import common
 
-    config, spec = tree_config(small_corpus, tmp_path, rounds=2, local_rounds=1)
-    config.federation.tree.spec = "t(code,prose),j(lines)"
-    config.federation.tree.update(dict(key_layers=KEYS, residual=True, gamma=0.5))
-    (tmp_path / "config.json").write_text(config.to_json_best_effort())
+    config, spec = two_federations_config(small_corpus, tmp_path, residual=True, gamma=0.5)
     deep = config.copy_and_resolve_references()
     deep.federation.tree.spec = SPEC
     with pytest.raises(ValueError, match=r"\['west', 'east'\] have sub-federations of their own"):
         common.check_deployable(deep)
     p = procs["p"] = Procs(tmp_path, spec)
-    p.aggregator()
-    for node in ("t", "j"):
-        p.start(node, "federation", "--name", node, "--workdir", str(tmp_path / node))
-    for s in SILOS:
-        p.silo(s)
-    for name in ("aggregator", "t", "j", *SILOS):
-        p.wait(name, timeout=600)
+    run_two_federations(p, config)
     meta = store_lib.Store(p.store).read_global_meta(1)
     assert meta["children_keys_of"] == ["j", "t"] and len(meta["children_keys_sha256"]) == 64
     got, _ = root_params(config, p.store, 2)
